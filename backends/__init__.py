@@ -1,0 +1,1 @@
+"""In-tree backends: one directory per vendor, each with a descriptor (`BACKEND`) and a `manifest.yaml`."""

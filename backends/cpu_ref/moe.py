@@ -1,0 +1,82 @@
+"""DeepSeekMoE: the noaux_tc gate and the routed-expert sum (reference and W8A8 numerics)."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from backends.cpu_ref.linear import w8a8_roundtrip
+from core.fp8 import E4M3_MAX, dequantize_blocks
+from core.ops import ExpertWeights, compute_dtype
+
+
+def moe_gate(logits: Tensor, bias: Tensor | None, top_k: int, n_group: int, topk_group: int, scale: float,
+             renorm: bool) -> tuple[Tensor, Tensor]:
+    """sigmoid scores; biased scores pick groups (sum of each group's top-2) and then experts; the unbiased scores
+    of the chosen experts, renormalised and scaled, are the weights."""
+    ct = compute_dtype(logits.dtype)
+    tokens, n_experts = logits.shape
+    scores = torch.sigmoid(logits.to(ct))
+    choice = scores + bias.to(ct) if bias is not None else scores
+    if n_group > 1 and topk_group < n_group:
+        per_group = n_experts // n_group
+        grouped = choice.view(tokens, n_group, per_group)
+        group_score = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)  # [T, n_group]
+        keep = group_score.topk(topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+        expert_mask = group_mask[:, :, None].expand(tokens, n_group, per_group).reshape(tokens, n_experts)
+        choice = choice.masked_fill(~expert_mask, float("-inf"))
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if renorm:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return (weights * scale).to(torch.float64 if ct == torch.float64 else torch.float32), ids.long()
+
+
+def prepare_experts(gate: Tensor, gate_scale: Tensor | None, up: Tensor, up_scale: Tensor | None, down: Tensor,
+                    down_scale: Tensor | None) -> ExpertWeights:
+    """Keep the stacked checkpoint tensors as they are."""
+    return ExpertWeights(gate, up, down, gate_scale, up_scale, down_scale)
+
+
+def _moe_experts(x: Tensor, experts: ExpertWeights, weights: Tensor, ids: Tensor,
+                 act: Callable[[Tensor], Tensor]) -> Tensor:
+    """Loop over the experts that received tokens; `act` maps a GEMM input to what the GEMM multiplies (identity
+    for the reference class, the activation quantise-dequantise round trip for W8A8)."""
+    ct = compute_dtype(x.dtype)
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=ct, device=x.device)
+    for e in torch.unique(ids).tolist():
+        token, slot = torch.nonzero(ids == e, as_tuple=True)
+        xe = act(x[token].to(ct))
+        w_gate = dequantize_blocks(experts.gate[e], _at(experts.gate_scale, e), ct)
+        w_up = dequantize_blocks(experts.up[e], _at(experts.up_scale, e), ct)
+        w_down = dequantize_blocks(experts.down[e], _at(experts.down_scale, e), ct)
+        h = torch.nn.functional.silu(xe @ w_gate.T) * (xe @ w_up.T)
+        y = act(h) @ w_down.T
+        out.index_add_(0, token, y * weights[token, slot, None].to(ct))
+    return out.to(x.dtype)
+
+
+def _at(scale: Tensor | None, e: int) -> Tensor | None:
+    return None if scale is None else scale[e]
+
+
+def moe_experts(x: Tensor, experts: ExpertWeights, weights: Tensor, ids: Tensor) -> Tensor:
+    """`sum_j weights[t,j] * down(silu(gate(x)) * up(x))` over the chosen experts; float32 intermediates and
+    combine, one rounding to x.dtype."""
+    return _moe_experts(x, experts, weights, ids, lambda a: a)
+
+
+def moe_experts_w8a8(x: Tensor, experts: ExpertWeights, weights: Tensor, ids: Tensor,
+                     fp8_dtype: torch.dtype = torch.float8_e4m3fn, fp8_max: float = E4M3_MAX) -> Tensor:
+    """The W8A8 class: the expert input and the SwiGLU output are quantised per token per 128 channels before their
+    GEMMs (FP8 experts only; float experts take the reference path)."""
+    if experts.gate_scale is None:
+        return moe_experts(x, experts, weights, ids)
+    return _moe_experts(x, experts, weights, ids, lambda a: w8a8_roundtrip(a, fp8_dtype, fp8_max))
+
+
+moe_experts_w8a8_fnuz = partial(moe_experts_w8a8, fp8_dtype=torch.float8_e4m3fnuz, fp8_max=240.0)

@@ -1,0 +1,205 @@
+"""The backend descriptor and its manifest.
+
+A backend is a directory `backends/NAME/` (or an installed package named by an entry point) whose `__init__.py`
+defines `BACKEND = Backend(...)` and whose `manifest.yaml` declares what it implements:
+
+    backend: NAME
+    description: one line
+    operators:                       # every operator the code implements, and nothing else
+      rms_norm: {dtypes: [bfloat16, float32]}
+      linear:   {dtypes: [bfloat16], weights: [float8_e4m3fn, bfloat16], numerics: w8a8}
+    limits:                          # optional: inputs an operator hands to cpu_ref, visibly
+      moe_gate: "only 256 routed experts; other counts run on cpu_ref"
+    nondeterministic:                # optional: operators whose repeated runs may differ, with the reason
+      moe_experts: "atomic adds in the combine"
+    tolerances:                      # optional overrides of conformance/tolerances.yaml, each with a reason
+      - {op: linear, dtype: bfloat16, rtol: 0.03, atol: 0.01, reason: "..."}
+    toolchain:                       # versions this backend was tested with, and where
+      tested: [{torch: 2.13.0, device: "..."}]
+
+Operators absent from the manifest fall back to cpu_ref on the backend's own device (printed in the dispatch table,
+refused under --strict). Registration fails if the code and the manifest disagree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from core.errors import ContractError
+from core.ops import OPERATORS, PREPARE_HOOKS, WEIGHT_HOOK, check_signature
+
+NUMERICS_CLASSES = ("reference", "w8a8", "w8a8_fnuz")
+"""`reference`: weights dequantised exactly, activations in the working dtype. `w8a8`: activations quantised per
+token per 128 channels to e4m3fn (s = max(amax, 1e-4)/448) before a block-scaled FP8 GEMM; `w8a8_fnuz`: the same
+with e4m3fnuz and 240 (AMD MI300)."""
+
+DTYPE_NAMES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "float8_e4m3fnuz": torch.float8_e4m3fnuz,
+}
+
+
+@dataclass(frozen=True)
+class RunMode:
+    """How a backend is asked to run. `interpret`: Triton kernels through the Triton interpreter on the CPU.
+    `simulate`: a vendor library replaced by its documented-semantics emulation (for CI without the hardware)."""
+
+    interpret: bool = False
+    simulate: bool = False
+
+
+@dataclass(frozen=True)
+class Availability:
+    """What a backend's probe says: whether it can run here, on which torch device, and if not, why."""
+
+    ok: bool
+    reason: str = ""
+    device: torch.device | None = None
+    environment: dict[str, str] = field(default_factory=dict)  # toolkit, driver, device name: for reports
+
+    @staticmethod
+    def no(reason: str) -> "Availability":
+        return Availability(False, reason)
+
+
+@dataclass(frozen=True)
+class Limited:
+    """An operator implementation with documented input limits: `supports(*args)` returns None when the backend
+    handles the call, or a short reason when it must go to cpu_ref. Such calls are counted and shown in the
+    dispatch table; they are a declared property of the hardware library, never a reaction to an exception."""
+
+    impl: Callable
+    supports: Callable[..., str | None]
+
+
+@dataclass(frozen=True)
+class OperatorEntry:
+    dtypes: tuple[str, ...]
+    numerics: str = "reference"
+    weights: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    backend: str
+    description: str
+    operators: dict[str, OperatorEntry]
+    limits: dict[str, str]
+    nondeterministic: dict[str, str]
+    tolerances: tuple[dict, ...]
+    toolchain: dict[str, Any]
+
+    @staticmethod
+    def load(path: Path) -> "Manifest":
+        where = str(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise ContractError(f"{where}: cannot read the manifest ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise ContractError(f"{where}: the manifest must be a mapping")
+        unknown = set(data) - {"backend", "description", "operators", "limits", "nondeterministic", "tolerances",
+                               "toolchain"}
+        if unknown:
+            raise ContractError(f"{where}: unknown manifest keys {sorted(unknown)}")
+        ops = data.get("operators") or {}
+        if not isinstance(ops, dict):
+            raise ContractError(f"{where}: 'operators' must map operator names to entries")
+        entries = {}
+        for name, entry in ops.items():
+            if name not in OPERATORS:
+                raise ContractError(f"{where}: operators.{name} is not an operator of the contract")
+            entry = entry or {}
+            dtypes = tuple(entry.get("dtypes", ()))
+            for d in dtypes + tuple(entry.get("weights", ())):
+                if d not in DTYPE_NAMES:
+                    raise ContractError(f"{where}: operators.{name}: unknown dtype '{d}'")
+            numerics = entry.get("numerics", "reference")
+            if numerics not in NUMERICS_CLASSES:
+                raise ContractError(f"{where}: operators.{name}.numerics must be one of {NUMERICS_CLASSES}")
+            if not dtypes:
+                raise ContractError(f"{where}: operators.{name} declares no dtypes")
+            entries[name] = OperatorEntry(dtypes, numerics, tuple(entry.get("weights", ())))
+        tolerances = tuple(data.get("tolerances") or ())
+        for t in tolerances:
+            if not isinstance(t, dict) or not {"op", "dtype", "reason"} <= set(t) or not str(t["reason"]).strip():
+                raise ContractError(f"{where}: every tolerance override needs op, dtype and a reason: {t}")
+        for key in ("limits", "nondeterministic"):
+            for name in data.get(key) or {}:
+                if name not in entries:
+                    raise ContractError(f"{where}: {key}.{name} names an operator the manifest does not declare")
+        return Manifest(
+            path=path,
+            backend=str(data.get("backend", path.parent.name)),
+            description=str(data.get("description", "")),
+            operators=entries,
+            limits=dict(data.get("limits") or {}),
+            nondeterministic=dict(data.get("nondeterministic") or {}),
+            tolerances=tolerances,
+            toolchain=dict(data.get("toolchain") or {}),
+        )
+
+
+@dataclass
+class Backend:
+    """The descriptor every backend exports as `BACKEND`.
+
+    name:          the name users pass to --backend.
+    device_type:   the torch device type it runs on ("cpu", "cuda", "npu").
+    dist_backend:  its torch.distributed backend ("gloo", "nccl", "hccl").
+    probe:         RunMode -> Availability. Imports vendor packages only when called; when it says no, the reason
+                   names what is missing (package, version, device) and how to get it.
+    ops:           operator name -> implementation (or `Limited`); only operators of core.ops.OPERATORS.
+    prepare_linear, prepare_experts: the weight hooks (None: cpu_ref's, whose formats are core.ops.LinearWeight
+                   and ExpertWeights).
+    manifest:      attached by discovery from the backend's manifest.yaml.
+    """
+
+    name: str
+    device_type: str
+    dist_backend: str
+    probe: Callable[[RunMode], Availability]
+    ops: dict[str, Callable | Limited]
+    prepare_linear: Callable | None = None
+    prepare_experts: Callable | None = None
+    manifest: Manifest | None = None
+    origin: str = ""  # where discovery found it: a directory or an entry point
+
+    def hooks(self) -> dict[str, Callable]:
+        return {k: v for k, v in (("prepare_linear", self.prepare_linear),
+                                  ("prepare_experts", self.prepare_experts)) if v is not None}
+
+    def validate(self) -> None:
+        """Raise ContractError when the code and the manifest disagree or a signature breaks the contract."""
+        where = str(self.manifest.path) if self.manifest else self.name
+        for name, impl in list(self.ops.items()) + list(self.hooks().items()):
+            fn = impl.impl if isinstance(impl, Limited) else impl
+            problem = check_signature(name, fn)
+            if problem:
+                raise ContractError(f"backend {self.name}: {problem}")
+        if self.manifest is None:
+            raise ContractError(f"backend {self.name}: no manifest.yaml")
+        declared, coded = set(self.manifest.operators), set(self.ops)
+        if declared != coded:
+            missing, extra = sorted(declared - coded), sorted(coded - declared)
+            raise ContractError(
+                f"{where}: manifest and code disagree: declared but not implemented {missing}, "
+                f"implemented but not declared {extra}"
+            )
+        for op, hook in WEIGHT_HOOK.items():
+            if hook in self.hooks() and op not in self.ops:
+                raise ContractError(f"backend {self.name}: defines {hook} but not {op}, which consumes its output")
+        for name in self.ops:
+            if isinstance(self.ops[name], Limited) and name not in self.manifest.limits:
+                raise ContractError(f"{where}: {name} has input limits in code; describe them under 'limits'")
+        assert set(PREPARE_HOOKS) == {"prepare_linear", "prepare_experts"}

@@ -1,0 +1,234 @@
+"""Model configuration from a Hugging Face DeepSeek-V3 `config.json`.
+
+Missing fields take the defaults of transformers' `DeepseekV3Config` (which are DeepSeek-V3's values), so every
+configuration that class accepts loads here: no q_lora (Moonlight-style), plain RoPE, `norm_topk_prob: false`, all
+layers MoE, several shared experts, tied embeddings, attention biases. Inconsistent values are refused with the
+field named.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.errors import CheckpointError
+from core.rope import RopeConfig
+
+ACCEPTED_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
+
+HF_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 129280,
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "num_attention_heads": 128,
+    "n_shared_experts": 1,
+    "n_routed_experts": 256,
+    "routed_scaling_factor": 2.5,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "qk_nope_head_dim": 128,
+    "n_group": 8,
+    "topk_group": 4,
+    "num_experts_per_tok": 8,
+    "first_k_dense_replace": 3,
+    "norm_topk_prob": True,
+    "hidden_act": "silu",
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "tie_word_embeddings": False,
+    "rope_interleave": True,
+    "attention_bias": False,
+    "num_nextn_predict_layers": 1,
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    n_routed_experts: int
+    n_shared_experts: int
+    num_experts_per_tok: int
+    n_group: int
+    topk_group: int
+    routed_scaling_factor: float
+    norm_topk_prob: bool
+    first_k_dense_replace: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    num_nextn_predict_layers: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    rope_interleave: bool
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    rope: RopeConfig
+    fp8: bool = False  # quantization_config says fp8 128x128 blocks
+    source: str = "config.json"
+    raw: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def softmax_scale(self) -> float:
+        return self.qk_head_dim ** -0.5 * self.rope.softmax_scale_factor
+
+    @property
+    def latent_width(self) -> int:
+        """Values cached per token per layer: the normalised latent and the roped shared key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_routed_experts > 0 and layer >= self.first_k_dense_replace
+
+    @staticmethod
+    def from_file(path: Path) -> "ModelConfig":
+        if not path.is_file():
+            raise CheckpointError(f"{path}: not found (a Hugging Face checkpoint directory needs config.json)")
+        try:
+            data = json.loads(path.read_text())
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{path}: not UTF-8 text") from None
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{path}: expected a JSON object")
+        return ModelConfig.from_dict(data, str(path))
+
+    @staticmethod
+    def from_dict(data: dict, source: str = "config.json") -> "ModelConfig":
+        model_type = data.get("model_type")
+        if model_type not in ACCEPTED_MODEL_TYPES:
+            raise CheckpointError(
+                f"{source}: model_type is {model_type!r}; this project runs {', '.join(ACCEPTED_MODEL_TYPES)}"
+            )
+        text = data.get("text_config") if isinstance(data.get("text_config"), dict) else None
+        d = {**HF_DEFAULTS, **(text or data)}
+
+        def integer(key: str, minimum: int = 1, optional: bool = False) -> int | None:
+            v = d.get(key)
+            if v is None and optional:
+                return None
+            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+                raise CheckpointError(f"{source}: {key} must be an integer >= {minimum}, got {v!r}")
+            return v
+
+        def number(key: str) -> float:
+            v = d.get(key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise CheckpointError(f"{source}: {key} must be a number, got {v!r}")
+            return float(v)
+
+        def flag(key: str) -> bool:
+            v = d.get(key)
+            if not isinstance(v, bool):
+                raise CheckpointError(f"{source}: {key} must be true or false, got {v!r}")
+            return v
+
+        if d.get("hidden_act") != "silu":
+            raise CheckpointError(f"{source}: hidden_act {d.get('hidden_act')!r} is not supported (DeepSeek-V3 uses silu)")
+        n_experts = integer("n_routed_experts", 0)
+        n_group = integer("n_group", 1, optional=True) or 1
+        topk_group = integer("topk_group", 1, optional=True) or n_group
+        top_k = integer("num_experts_per_tok", 1, optional=True) or 1
+        if n_experts:
+            if n_experts % n_group:
+                raise CheckpointError(f"{source}: n_routed_experts ({n_experts}) is not a multiple of n_group ({n_group})")
+            if topk_group > n_group:
+                raise CheckpointError(f"{source}: topk_group ({topk_group}) exceeds n_group ({n_group})")
+            if top_k > topk_group * (n_experts // n_group):
+                raise CheckpointError(
+                    f"{source}: num_experts_per_tok ({top_k}) exceeds the experts in the kept groups "
+                    f"({topk_group} x {n_experts // n_group})"
+                )
+        rope_dim = integer("qk_rope_head_dim", 2)
+        if rope_dim % 2:
+            raise CheckpointError(f"{source}: qk_rope_head_dim must be even, got {rope_dim}")
+        layers = integer("num_hidden_layers", 1)
+        first_dense = integer("first_k_dense_replace", 0, optional=True) or 0
+        if first_dense > layers:
+            raise CheckpointError(f"{source}: first_k_dense_replace ({first_dense}) exceeds num_hidden_layers ({layers})")
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_ids):
+            raise CheckpointError(f"{source}: eos_token_id must be an integer or a list of integers, got {eos!r}")
+        max_pos = integer("max_position_embeddings", 1)
+        return ModelConfig(
+            vocab_size=integer("vocab_size"),
+            hidden_size=integer("hidden_size"),
+            intermediate_size=integer("intermediate_size"),
+            moe_intermediate_size=integer("moe_intermediate_size"),
+            num_hidden_layers=layers,
+            num_attention_heads=integer("num_attention_heads"),
+            q_lora_rank=integer("q_lora_rank", optional=True),
+            kv_lora_rank=integer("kv_lora_rank"),
+            qk_nope_head_dim=integer("qk_nope_head_dim", 0),
+            qk_rope_head_dim=rope_dim,
+            v_head_dim=integer("v_head_dim"),
+            n_routed_experts=n_experts,
+            n_shared_experts=integer("n_shared_experts", 0, optional=True) or 0,
+            num_experts_per_tok=top_k,
+            n_group=n_group,
+            topk_group=topk_group,
+            routed_scaling_factor=number("routed_scaling_factor"),
+            norm_topk_prob=flag("norm_topk_prob"),
+            first_k_dense_replace=first_dense,
+            rms_norm_eps=number("rms_norm_eps"),
+            max_position_embeddings=max_pos,
+            num_nextn_predict_layers=integer("num_nextn_predict_layers", 0, optional=True) or 0,
+            tie_word_embeddings=flag("tie_word_embeddings"),
+            attention_bias=flag("attention_bias"),
+            rope_interleave=flag("rope_interleave"),
+            bos_token_id=integer("bos_token_id", 0, optional=True),
+            eos_token_ids=eos_ids,
+            rope=RopeConfig.from_hf(d, rope_dim, max_pos, source),
+            fp8=_fp8_blocks(d.get("quantization_config"), source),
+            source=source,
+            raw=dict(data),
+        )
+
+    def to_hf(self) -> dict:
+        """The config.json that describes this model (used to write checkpoints)."""
+        out = {k: v for k, v in asdict(self).items() if k in HF_DEFAULTS}
+        out.update(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"],
+                   eos_token_id=list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
+                   num_key_value_heads=self.num_attention_heads, **self.rope.to_hf())
+        if self.fp8:
+            out["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                          "weight_block_size": [128, 128]}
+        return out
+
+
+def _fp8_blocks(q: Any, source: str) -> bool:
+    if q is None:
+        return False
+    if not isinstance(q, dict):
+        raise CheckpointError(f"{source}: quantization_config must be an object")
+    method = q.get("quant_method")
+    if method != "fp8":
+        raise CheckpointError(f"{source}: quantization_config.quant_method {method!r} is not supported (only fp8)")
+    block = q.get("weight_block_size", [128, 128])
+    if list(block) != [128, 128]:
+        raise CheckpointError(f"{source}: quantization_config.weight_block_size {block} is not supported (only [128, 128])")
+    if q.get("fmt", "e4m3") != "e4m3":
+        raise CheckpointError(f"{source}: quantization_config.fmt {q.get('fmt')!r} is not supported (only e4m3)")
+    return True

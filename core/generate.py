@@ -1,0 +1,277 @@
+"""Generation: (chunked) prefill, decode steps on the absorbed path, sampling, and greedy or sampled speculative
+decoding with the MTP module.
+
+Speculative step (one draft; deepseek_v3_semantics.md §8). The invariant at the start of a step, per sequence: the
+main cache holds t_0..t_{m-1}; t_m is emitted but not cached ("pending"); the MTP cache holds its entries for
+j = 1..m (entry j built from Embed[t_j] and the main hidden state h_{j-1}); `draft` is the MTP module's guess
+for t_{m+1}. The main model verifies [t_m, draft] in one S = 2 decode step:
+  accepted  -> emit draft and the bonus token the main model predicts after it; MTP adds entries m+1 and m+2;
+  rejected  -> emit the main model's own token; the main cache forgets position m+1; MTP adds entry m+1.
+Greedy acceptance (temperature 0) emits exactly the tokens plain greedy decoding emits. With temperature > 0 the
+draft is accepted with probability min(1, p/q) and a rejected one is resampled from normalize(max(p - q, 0)), which
+keeps the main model's distribution.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+from core.batch import Batch, LatentCache
+from core.errors import UserError
+from core.model import Model
+
+
+@dataclass
+class GenerationResult:
+    output_ids: list[list[int]]
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_tokens: int
+    decode_seconds: float
+    mtp_proposed: int = 0
+    mtp_accepted: int = 0
+    verify_steps: int = 0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+
+class Sampler:
+    """Greedy at temperature 0 (first index on ties, torch.argmax's rule); otherwise an exponential race
+    (argmax p / Exp(1), an exact categorical sample as in DeepSeek's generate.py) drawn from one CPU generator, so a
+    seed gives the same tokens on every backend whose probabilities agree."""
+
+    def __init__(self, temperature: float, seed: int):
+        self.temperature = temperature
+        self.gen = torch.Generator().manual_seed(seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def probs(self, logits: Tensor) -> Tensor:
+        return torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
+
+    def sample_probs(self, p: Tensor) -> list[int]:
+        race = torch.empty_like(p).exponential_(generator=self.gen)
+        return (p / race).argmax(dim=-1).tolist()
+
+    def pick(self, logits: Tensor) -> list[int]:
+        if self.greedy:
+            return logits.argmax(dim=-1).tolist()
+        return self.sample_probs(self.probs(logits))
+
+    def accept(self, p: Tensor, q: Tensor, draft: int) -> tuple[bool, int]:
+        """Speculative sampling for one draft: (accepted, token emitted in place of the draft if not)."""
+        ratio = float(p[draft] / q[draft]) if q[draft] > 0 else 0.0
+        if float(torch.rand((), generator=self.gen)) < min(1.0, ratio):
+            return True, draft
+        residual = (p - q).clamp_min(0)
+        total = residual.sum()
+        residual = residual / total if total > 0 else p
+        return False, self.sample_probs(residual[None])[0]
+
+
+@dataclass
+class _Seq:
+    prompt: list[int]
+    out: list[int] = field(default_factory=list)
+    length: int = 0  # tokens in the main cache
+    pending: int = -1  # emitted, not yet cached
+    draft: int = -1
+    draft_probs: Tensor | None = None
+    done: bool = False
+
+
+class Generator:
+    def __init__(self, model: Model, prefill_chunk: int | None = None):
+        self.model = model
+        self.chunk = prefill_chunk
+        self.cfg = model.cfg
+
+    def check(self, prompts: list[list[int]], max_new_tokens: int) -> None:
+        vocab, limit = self.cfg.vocab_size, self.cfg.max_position_embeddings
+        if max_new_tokens < 0:
+            raise UserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+        for p in prompts:
+            if not p:
+                raise UserError("the prompt is empty")
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise UserError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+            if len(p) + max_new_tokens + 1 > limit:
+                raise UserError(f"prompt ({len(p)} tokens) + --max-new-tokens ({max_new_tokens}) exceed "
+                                f"max_position_embeddings ({limit}) of {self.cfg.source}")
+
+    # -- prefill ---------------------------------------------------------------------------------------------------
+
+    def _chunks(self, lengths: list[int]) -> Iterator[tuple[list[int], list[int], list[int]]]:
+        """(active sequence indices, start offsets, chunk lengths) until every sequence is consumed."""
+        done = [0] * len(lengths)
+        step = self.chunk or max(lengths, default=0)
+        while True:
+            active = [b for b, n in enumerate(lengths) if done[b] < n]
+            if not active:
+                return
+            sizes = [min(step, lengths[b] - done[b]) for b in active]
+            yield active, [done[b] for b in active], sizes
+            for b, n in zip(active, sizes):
+                done[b] += n
+
+    def prefill(self, prompts: list[list[int]], cache: LatentCache) -> list[Tensor]:
+        """Run the prompts through the main model (in chunks of `prefill_chunk` tokens if set); returns each
+        sequence's final hidden states [n, D]. Sequence b uses cache row b."""
+        hidden: list[list[Tensor]] = [[] for _ in prompts]
+        for active, starts, sizes in self._chunks([len(p) for p in prompts]):
+            toks = [prompts[b][s:s + n] for b, s, n in zip(active, starts, sizes)]
+            batch = Batch.build(toks, active, starts, self.model.device)
+            h = self.model.forward(batch, cache)
+            for b, part in zip(active, h.split(sizes)):
+                hidden[b].append(part)
+        return [torch.cat(parts) for parts in hidden]
+
+    def mtp_prefill(self, tokens: list[list[int]], prev_hidden: list[Tensor], cache: LatentCache) -> list[Tensor]:
+        """Fill the MTP cache with entries j = 1..n (tokens t_1..t_n, hidden h_0..h_{n-1}); returns MTP hidden."""
+        out: list[list[Tensor]] = [[] for _ in tokens]
+        for active, starts, sizes in self._chunks([len(t) for t in tokens]):
+            toks = [tokens[b][s:s + n] for b, s, n in zip(active, starts, sizes)]
+            prev = torch.cat([prev_hidden[b][s:s + n] for b, s, n in zip(active, starts, sizes)])
+            batch = Batch.build(toks, active, starts, self.model.device, position_offset=1)
+            g = self.model.mtp_forward(batch, prev, cache)
+            for b, part in zip(active, g.split(sizes)):
+                out[b].append(part)
+        return [torch.cat(parts) for parts in out]
+
+    @torch.no_grad()
+    def teacher_forced_logits(self, prompt: list[int]) -> Tensor:
+        """[S, vocab] float32 logits of every prompt position."""
+        self.check([prompt], 0)
+        cache = self.model.new_cache(1, len(prompt))
+        return self.model.logits(self.prefill([prompt], cache)[0]).float()
+
+    # -- generation ------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
+                 mtp: bool = False, stop_at_eos: bool = True) -> GenerationResult:
+        self.check(prompts, max_new_tokens)
+        if mtp and not self.model.has_mtp:
+            raise UserError(f"--mtp: {self.cfg.source} has no MTP layer (num_nextn_predict_layers = "
+                            f"{self.cfg.num_nextn_predict_layers}, or its weights are absent)")
+        self.sampler = Sampler(temperature, seed)
+        self.stop_ids = set(self.cfg.eos_token_ids) if stop_at_eos else set()
+        self.max_new = max_new_tokens
+        seqs = [_Seq(list(p), length=len(p)) for p in prompts]
+        max_len = max(len(p) for p in prompts) + max_new_tokens + 2
+        model = self.model
+        cache = model.new_cache(len(seqs), max_len)
+
+        start = time.perf_counter()
+        hidden = self.prefill(prompts, cache)
+        first = self.sampler.pick(model.logits(torch.stack([h[-1] for h in hidden]))) if max_new_tokens else []
+        for s, tok in zip(seqs, first):
+            s.pending = tok
+            self._emit(s, tok)
+        if not max_new_tokens:
+            for s in seqs:
+                s.done = True
+        mtp_cache = None
+        if mtp and max_new_tokens:
+            mtp_cache = model.new_cache(len(seqs), max_len, mtp=True)
+            g = self.mtp_prefill([s.prompt[1:] + [s.pending] for s in seqs], hidden, mtp_cache)
+            self._set_drafts(seqs, list(range(len(seqs))), model.logits(torch.stack([x[-1] for x in g])))
+        prefill_seconds = time.perf_counter() - start
+
+        result = GenerationResult([], sum(len(p) for p in prompts), prefill_seconds, 0, 0.0)
+        start = time.perf_counter()
+        while True:
+            active = [b for b, s in enumerate(seqs) if not s.done]
+            if not active:
+                break
+            if mtp_cache is None:
+                self._decode_step(seqs, active, cache)
+            else:
+                self._speculative_step(seqs, active, cache, mtp_cache, result)
+        result.decode_seconds = time.perf_counter() - start
+        result.output_ids = [s.out for s in seqs]
+        result.decode_tokens = sum(max(len(s.out) - 1, 0) for s in seqs)
+        return result
+
+    def _emit(self, s: _Seq, tok: int) -> None:
+        if s.done:
+            return
+        s.out.append(tok)
+        if len(s.out) >= self.max_new or tok in self.stop_ids:
+            s.done = True
+
+    def _decode_step(self, seqs: list[_Seq], active: list[int], cache: LatentCache) -> None:
+        batch = Batch.build([[seqs[b].pending] for b in active], active, [seqs[b].length for b in active],
+                            self.model.device, decode=True)
+        nxt = self.sampler.pick(self.model.logits(self.model.forward(batch, cache)))
+        for b, tok in zip(active, nxt):
+            s = seqs[b]
+            s.length += 1
+            s.pending = tok
+            self._emit(s, tok)
+
+    def _set_drafts(self, seqs: list[_Seq], rows: list[int], logits: Tensor) -> None:
+        if self.sampler.greedy:
+            for b, tok in zip(rows, logits.argmax(dim=-1).tolist()):
+                seqs[b].draft = tok
+            return
+        q = self.sampler.probs(logits)
+        for b, tok, qb in zip(rows, self.sampler.sample_probs(q), q):
+            seqs[b].draft, seqs[b].draft_probs = tok, qb
+
+    def _speculative_step(self, seqs: list[_Seq], active: list[int], cache: LatentCache, mtp_cache: LatentCache,
+                          result: GenerationResult) -> None:
+        model = self.model
+        starts = [seqs[b].length for b in active]
+        batch = Batch.build([[seqs[b].pending, seqs[b].draft] for b in active], active, starts, model.device,
+                            decode=True)
+        h = model.forward(batch, cache).view(len(active), 2, -1)
+        logits = model.logits(h.reshape(-1, h.shape[-1])).view(len(active), 2, -1)
+        if self.sampler.greedy:
+            verdicts = logits.argmax(dim=-1).tolist()  # [[a, bonus], ...]
+        else:
+            p = self.sampler.probs(logits)
+        accepted, rejected = [], []  # (sequence index, row in this step)
+        for i, b in enumerate(active):
+            s = seqs[b]
+            if self.sampler.greedy:
+                ok, token = verdicts[i][0] == s.draft, verdicts[i][0]
+            else:
+                ok, token = self.sampler.accept(p[i, 0], s.draft_probs, s.draft)
+            result.mtp_proposed += 1
+            if ok:
+                result.mtp_accepted += 1
+                bonus = verdicts[i][1] if self.sampler.greedy else self.sampler.sample_probs(p[i, 1][None])[0]
+                self._emit(s, s.draft)
+                self._emit(s, bonus)
+                s.length, s.pending = s.length + 2, bonus
+                accepted.append((b, i, [s.draft, bonus]))
+            else:
+                self._emit(s, token)
+                s.length, s.pending = s.length + 1, token
+                rejected.append((b, i, [token]))
+        result.verify_steps += 1
+        for group, rows in ((accepted, slice(0, 2)), (rejected, slice(0, 1))):
+            group = [g for g in group if not seqs[g[0]].done]
+            if not group:
+                continue
+            toks = [g[2] for g in group]
+            prev = torch.cat([h[i, rows] for _, i, _ in group])
+            mtp_starts = [seqs[b].length - len(t) for (b, _, t) in group]
+            mb = Batch.build(toks, [b for b, _, _ in group], mtp_starts, model.device, decode=True, position_offset=1)
+            g = model.mtp_forward(mb, prev, mtp_cache).view(len(group), len(toks[0]), -1)[:, -1]
+            self._set_drafts(seqs, [b for b, _, _ in group], model.logits(g))

@@ -1,0 +1,137 @@
+"""The DeepSeek-V3 graph: embedding, MLA + (dense MLP | DeepSeekMoE) decoder layers, final norm, LM head, and the
+multi-token-prediction module. Device-neutral: every computation is an operator of core.ops (dispatched to the
+selected backend) or plain tensor code.
+
+    h = Embed[tokens]
+    for each layer:  h = h + MLA(rms_norm(h));  h = h + FFN(rms_norm(h))      (FFN: MLP for the first k, else MoE)
+    logits = lm_head(rms_norm(h))
+    MTP:  g = Layer_N(eh_proj(cat(enorm(Embed[t_j]), hnorm(h_{j-1}))));  draft logits = lm_head(head_norm(g))
+
+Prefill runs MLA naively (keys and values expanded from the cached latents by kv_b, `attention_prefill`); decode
+runs it absorbed (`mla_decode` over the latent cache, W_UK folded into the query and W_UV into the output).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from core.batch import Batch, LatentCache
+from core.checkpoint import DirectoryCheckpoint, TensorSource
+from core.config import ModelConfig
+from core.dispatch import Dispatch
+from core.rope import RotaryTable
+from core.weights import MLP, MTP, Attention, Layer, Linear, MoE, WeightLoader, Weights
+
+
+class Model:
+    def __init__(self, cfg: ModelConfig, weights: Weights, ops: Dispatch, device: torch.device, dtype: torch.dtype):
+        self.cfg, self.w, self.ops, self.device, self.dtype = cfg, weights, ops, device, dtype
+        self.rope = RotaryTable(cfg.rope, device, dtype)
+        self.eps = cfg.rms_norm_eps
+        self.router_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    @staticmethod
+    def load(source: TensorSource | Path | str, ops: Dispatch, device: torch.device,
+             dtype: torch.dtype = torch.bfloat16, with_mtp: bool = True) -> "Model":
+        if not hasattr(source, "config"):
+            source = DirectoryCheckpoint(Path(source))
+        with torch.no_grad():
+            weights = WeightLoader(source, ops, device, dtype).load(with_mtp)
+        return Model(source.config, weights, ops, device, dtype)
+
+    @property
+    def has_mtp(self) -> bool:
+        return self.w.mtp is not None
+
+    def new_cache(self, slots: int, max_len: int, mtp: bool = False) -> LatentCache:
+        layers = 1 if mtp else self.cfg.num_hidden_layers
+        return LatentCache(layers, slots, max_len, self.cfg.latent_width, self.dtype, self.device)
+
+    # -- operators with the layer's parameters ---------------------------------------------------------------------
+
+    def _linear(self, x: Tensor, lin: Linear) -> Tensor:
+        y = self.ops.linear(x, lin.weight)
+        return y if lin.bias is None else y + lin.bias
+
+    def _mlp(self, m: MLP, x: Tensor) -> Tensor:
+        if m.gate_up is not None:
+            gate_up = self._linear(x, m.gate_up)
+        else:
+            gate_up = torch.cat([self._linear(x, m.gate), self._linear(x, m.up)], dim=-1)
+        return self._linear(self.ops.silu_and_mul(gate_up), m.down)
+
+    def _moe(self, m: MoE, x: Tensor) -> Tensor:
+        c = self.cfg
+        logits = self._linear(x.to(self.router_dtype), m.router)
+        weights, ids = self.ops.moe_gate(logits, m.bias, c.num_experts_per_tok, c.n_group, c.topk_group,
+                                         c.routed_scaling_factor, c.norm_topk_prob)
+        y = self.ops.moe_experts(x, m.experts, weights, ids)
+        return y if m.shared is None else y + self._mlp(m.shared, x)
+
+    def _attention(self, a: Attention, x: Tensor, batch: Batch, cache: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        c, ops = self.cfg, self.ops
+        t, h = x.shape[0], c.num_attention_heads
+        nope, pe, r, v = c.qk_nope_head_dim, c.qk_rope_head_dim, c.kv_lora_rank, c.v_head_dim
+        if a.q is not None:
+            q = self._linear(x, a.q)
+        else:
+            q = self._linear(ops.rms_norm(self._linear(x, a.q_a), a.q_a_norm, self.eps), a.q_b)
+        q = q.view(t, h, nope + pe)
+        q_nope, q_pe = q[..., :nope], ops.apply_rope(q[..., nope:], cos, sin)
+        kv = self._linear(x, a.kv_a)
+        latent = ops.rms_norm(kv[:, :r], a.kv_a_norm, self.eps)
+        k_pe = ops.apply_rope(kv[:, None, r:], cos, sin)[:, 0]
+        cache[batch.token_slot, batch.token_index] = torch.cat([latent, k_pe], dim=-1)
+        if batch.decode:
+            b, s = batch.num_seqs, batch.new_per_seq
+            q_lat = torch.einsum("thd,hdr->thr", q_nope, a.w_uk)
+            o_lat = ops.mla_decode(q_lat.view(b, s, h, r), q_pe.view(b, s, h, pe), cache, batch.slots, batch.lens,
+                                   c.softmax_scale)
+            o = torch.einsum("thr,hvr->thv", o_lat.view(t, h, r), a.w_uv)
+        else:
+            keys = cache[batch.key_slot, batch.key_index]  # [Tk, R+P]: every cached token of every sequence
+            tk = keys.shape[0]
+            kv_full = self._linear(keys[:, :r], a.kv_b).view(tk, h, nope + v)
+            k = torch.cat([kv_full[..., :nope], keys[:, None, r:].expand(tk, h, pe)], dim=-1)
+            o = ops.attention_prefill(torch.cat([q_nope, q_pe], dim=-1), k, kv_full[..., nope:], batch.cu_q,
+                                      batch.cu_k, c.softmax_scale)
+        return self._linear(o.reshape(t, h * v), a.o)
+
+    def _layer(self, layer: Layer, h: Tensor, residual: Tensor, batch: Batch, cache: Tensor, cos: Tensor,
+               sin: Tensor, next_norm: Tensor) -> tuple[Tensor, Tensor]:
+        """One decoder layer on normed input h; returns (next layer's normed input, residual stream)."""
+        a = self._attention(layer.attn, h, batch, cache, cos, sin)
+        h, residual = self.ops.add_rms_norm(a, residual, layer.post_norm, self.eps)
+        f = self._moe(layer.ffn, h) if isinstance(layer.ffn, MoE) else self._mlp(layer.ffn, h)
+        return self.ops.add_rms_norm(f, residual, next_norm, self.eps)
+
+    # -- the model -------------------------------------------------------------------------------------------------
+
+    def forward(self, batch: Batch, cache: LatentCache) -> Tensor:
+        """Hidden states after the final norm, [T, D], writing the batch's latents into `cache`."""
+        x = self.w.embed[batch.tokens]
+        cos, sin = self.rope(batch.positions)
+        layers = self.w.layers
+        h, residual = self.ops.rms_norm(x, layers[0].input_norm, self.eps), x
+        for i, layer in enumerate(layers):
+            next_norm = layers[i + 1].input_norm if i + 1 < len(layers) else self.w.norm
+            h, residual = self._layer(layer, h, residual, batch, cache.layers[i], cos, sin, next_norm)
+        return h
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """[T, D] final hidden states -> [T, vocab] logits in the working dtype."""
+        return self._linear(hidden, self.w.lm_head)
+
+    def mtp_forward(self, batch: Batch, prev_hidden: Tensor, cache: LatentCache) -> Tensor:
+        """The MTP module on tokens t_j (batch.tokens) and the main model's final hidden states h_{j-1}
+        (prev_hidden, [T, D]); returns its hidden states after shared_head.norm, ready for `logits`."""
+        m: MTP = self.w.mtp
+        e = self.ops.rms_norm(self.w.embed[batch.tokens], m.enorm, self.eps)
+        x = self._linear(torch.cat([e, self.ops.rms_norm(prev_hidden, m.hnorm, self.eps)], dim=-1), m.eh_proj)
+        cos, sin = self.rope(batch.positions)
+        h = self.ops.rms_norm(x, m.layer.input_norm, self.eps)
+        g, _ = self._layer(m.layer, h, x, batch, cache.layers[0], cos, sin, m.head_norm)
+        return g

@@ -1,0 +1,254 @@
+"""The operator contract (v1): the only compute the model graph asks of a backend.
+
+Every operator is declared here once, as a signature with a docstring that fixes shapes, dtypes and invariants.
+`backends/cpu_ref` implements each one in plain PyTorch; that implementation is the executable specification, and
+every other backend is judged against it. The model graph calls these operators plus plain, device-neutral tensor
+code (indexing, cat, view, embedding lookup, cache writes, sampling, the batched matmuls that absorb `kv_b` into the
+query and output of MLA decode).
+
+Conventions used below:
+  T  tokens in the batch          H  attention heads          R  kv_lora_rank (512 in DeepSeek-V3)
+  P  qk_rope_head_dim (64)        D  hidden size (7168)       E  routed experts (256), k = experts per token (8)
+  "working dtype" is the activation dtype (bfloat16, float32, or float64 for golden values); unless stated, an
+  operator computes in float32 (float64 for float64 inputs) and returns the working dtype.
+
+Weights reach `linear` and `moe_experts` only through the backend's own prepare hooks, `prepare_linear` and
+`prepare_experts`; the graph treats what they return as opaque. The reference formats are `LinearWeight` and
+`ExpertWeights` below: a backend that implements `linear` but not `prepare_linear` receives a `LinearWeight`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+FP8_BLOCK = 128  # DeepSeek-V3 weight_block_size: [128, 128]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference weight formats (what cpu_ref's prepare hooks return)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LinearWeight:
+    """A linear layer's weight as stored in the checkpoint.
+
+    weight:    [N, K] float8_e4m3fn, bfloat16, float32 or float64 (N output features, K input features).
+    scale_inv: [ceil(N/128), ceil(K/128)] float32 when `weight` is FP8, else None. Element (i, j) of the real weight
+               is `float(weight[i, j]) * scale_inv[i // 128, j // 128]`; edge blocks may be partial.
+    """
+
+    weight: Tensor
+    scale_inv: Tensor | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """The routed experts of one MoE layer, stacked along a leading expert dimension.
+
+    gate, up:  [E, I, D]  (I = moe_intermediate_size);   down: [E, D, I]
+    *_scale:   [E, ceil(rows/128), ceil(cols/128)] float32 when the weights are FP8, else None.
+    Expert e computes `down_e( silu(gate_e(x)) * up_e(x) )`.
+    """
+
+    gate: Tensor
+    up: Tensor
+    down: Tensor
+    gate_scale: Tensor | None = None
+    up_scale: Tensor | None = None
+    down_scale: Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.gate.shape[2]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.gate.shape[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The operators. Bodies are empty on purpose: the reference lives in backends/cpu_ref.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dimension: `weight * x / sqrt(mean(x**2) + eps)`.
+
+    x:      [..., D] working dtype (any number of leading dims, possibly zero tokens).
+    weight: [D], any float dtype (cast to the compute dtype).
+    Returns [..., D] in x.dtype. Statistics and the multiply by `weight` happen in float32; one rounding at the end.
+    """
+
+
+def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """The fused pre-norm residual step: `h = x + residual`; returns `(rms_norm(h, weight, eps), h)`.
+
+    x, residual: [..., D] same dtype and shape.  weight: [D].
+    Returns (normed [..., D], h [..., D]), both in x.dtype; `h` is rounded to x.dtype before it is normalised, so
+    `normed == rms_norm(h)` exactly. Neither input is modified.
+    """
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary embedding in half layout on the last dimension.
+
+    x:        [T, ..., P] working dtype (e.g. [T, H, P] for queries, [T, 1, P] for the shared rope key).
+    cos, sin: [T, P/2] float32, gathered by each token's position (the YaRN attention factor already folded in).
+    With x1 = x[..., :P/2], x2 = x[..., P/2:]:  out = cat(x1*cos - x2*sin, x2*cos + x1*sin), in float32, rounded
+    once to x.dtype. The checkpoint's interleaved rope rows are permuted to half layout at load time, so pair i is
+    (x[i], x[i + P/2]).
+    """
+
+
+def linear(x: Tensor, w: object) -> Tensor:
+    """`x @ W.T` with float32 accumulation.
+
+    x: [T, K] working dtype (float32 for the MoE gate's logits).  w: what this backend's `prepare_linear` returned
+    for a weight of shape [N, K]. Returns [T, N] in x.dtype. FP8 weights are dequantised with their 128x128 block
+    scales (`LinearWeight`); a backend that quantises activations declares the `w8a8` numerics class in its
+    manifest and is judged against the reference's W8A8 emulation instead.
+    """
+
+
+def silu_and_mul(x: Tensor) -> Tensor:
+    """SwiGLU activation: `silu(x[..., :I]) * x[..., I:]`, gate half first, up half second.
+
+    x: [T, 2I] working dtype. Returns [T, I] in x.dtype (computed in float32).
+    """
+
+
+def attention_prefill(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float) -> Tensor:
+    """Variable-length causal attention, bottom-right aligned (the naive MLA prefill).
+
+    q: [Tq, H, Dqk]; k: [Tk, H, Dqk]; v: [Tk, H, Dv] (Dqk = qk_nope + P = 192, Dv = 128 in DeepSeek-V3).
+    cu_q, cu_k: [B+1] int32 cumulative sequence starts into q and k; sequence b owns q rows cu_q[b]:cu_q[b+1]
+    and k/v rows cu_k[b]:cu_k[b+1], with Lk_b >= Lq_b (the first Lk_b - Lq_b keys are a cached prefix).
+    Query i of sequence b attends to keys 0 .. (Lk_b - Lq_b) + i. Scores are `q.k * scale` in float32; softmax
+    in float32. Returns [Tq, H, Dv] in q.dtype. Sequences with Lq_b = 0 are allowed.
+    """
+
+
+def mla_decode(q_lat: Tensor, q_pe: Tensor, cache: Tensor, slots: Tensor, lens: Tensor, scale: float) -> Tensor:
+    """Absorbed multi-head latent attention over the latent cache.
+
+    q_lat: [B, S, H, R] queries already multiplied by W_UK;   q_pe: [B, S, H, P] roped query part.
+    cache: [N, L, R+P] per-layer latent cache (normalised latent first, roped key second), working dtype.
+    slots: [B] int64, the cache row of each sequence;   lens: [B] int64, tokens in the cache per sequence,
+    including the S new ones, which occupy positions lens-S .. lens-1 (S = 2 is MTP verification).
+    New token s attends causally to cache positions 0 .. lens-S+s:
+      score[t] = (q_lat . cache[t, :R] + q_pe . cache[t, R:]) * scale, softmax in float32,
+      o_lat = sum_t p[t] * cache[t, :R].
+    Returns o_lat [B, S, H, R] in q_lat.dtype. Never reads past lens.
+    """
+
+
+def moe_gate(
+    logits: Tensor, bias: Tensor | None, top_k: int, n_group: int, topk_group: int, scale: float, renorm: bool
+) -> tuple[Tensor, Tensor]:
+    """DeepSeek-V3 noaux_tc routing.
+
+    logits: [T, E] float32 router logits;  bias: [E] float32 e_score_correction_bias, or None for none.
+    s = sigmoid(logits). Selection uses s + bias only: each of the `n_group` contiguous groups of E/n_group experts
+    scores the sum of its top-2 biased scores, the best `topk_group` groups are kept, and the top_k experts by
+    biased score among them are chosen (experts of dropped groups are -inf, never 0). Weights use the unbiased s
+    of the chosen experts, divided by their sum (+1e-20) when `renorm`, then multiplied by `scale`
+    (routed_scaling_factor) exactly once.
+    Returns (weights [T, top_k] float32, ids [T, top_k] int64). Order inside a row is unspecified: conformance
+    compares expert sets, and ties in the biased score may be broken either way.
+    """
+
+
+def moe_experts(x: Tensor, experts: object, weights: Tensor, ids: Tensor) -> Tensor:
+    """The routed-expert sum: `y[t] = sum_j weights[t, j] * Expert_{ids[t, j]}(x[t])`.
+
+    x: [T, D] working dtype; experts: what `prepare_experts` returned; weights: [T, k] float32; ids: [T, k] int64,
+    values in [0, E). Expert(x) = down(silu(gate(x)) * up(x)). The combine over j is float32; one rounding to
+    x.dtype at the end. Returns [T, D] in x.dtype. Shared experts are not part of this operator.
+    """
+
+
+def prepare_linear(weight: Tensor, scale_inv: Tensor | None) -> object:
+    """Turn a checkpoint weight [N, K] (FP8 with scale_inv [ceil(N/128), ceil(K/128)], or a float tensor) into
+    whatever this backend's `linear` consumes. Called once per weight at load time, on the backend's device."""
+
+
+def prepare_experts(
+    gate: Tensor,
+    gate_scale: Tensor | None,
+    up: Tensor,
+    up_scale: Tensor | None,
+    down: Tensor,
+    down_scale: Tensor | None,
+) -> object:
+    """Turn the stacked routed-expert weights of one layer (see `ExpertWeights`) into whatever this backend's
+    `moe_experts` consumes. Called once per MoE layer at load time, on the backend's device."""
+
+
+OPERATORS: dict[str, Callable] = {
+    f.__name__: f
+    for f in (
+        rms_norm,
+        add_rms_norm,
+        apply_rope,
+        linear,
+        silu_and_mul,
+        attention_prefill,
+        mla_decode,
+        moe_gate,
+        moe_experts,
+    )
+}
+"""Operator name -> its declaration (signature and docstring)."""
+
+PREPARE_HOOKS: dict[str, Callable] = {f.__name__: f for f in (prepare_linear, prepare_experts)}
+
+WEIGHT_HOOK: dict[str, str] = {"linear": "prepare_linear", "moe_experts": "prepare_experts"}
+"""An operator that consumes prepared weights, and the hook that prepares them. The two travel together."""
+
+
+def check_signature(name: str, impl: Callable) -> str | None:
+    """Return why `impl` cannot stand in for the declared operator or hook `name`, or None if it can.
+
+    The implementation must accept the declared positional parameters in order (extra parameters need defaults).
+    """
+    decl = OPERATORS.get(name) or PREPARE_HOOKS.get(name)
+    if decl is None:
+        return f"'{name}' is not an operator of the contract"
+    try:
+        have = inspect.signature(impl)
+    except (TypeError, ValueError):
+        return None  # builtins and C extensions: nothing to inspect
+    want = list(inspect.signature(decl).parameters)
+    params = list(have.parameters.values())
+    if any(p.kind == p.VAR_POSITIONAL for p in params):
+        return None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < len(want):
+        return f"{name}{have} takes fewer parameters than the contract's {name}{inspect.signature(decl)}"
+    extra = [p.name for p in positional[len(want):] if p.default is p.empty]
+    if extra:
+        return f"{name}: parameters {extra} beyond the contract need defaults"
+    return None
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the reference computes in for a given working dtype: float64 stays float64, all else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32

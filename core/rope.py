@@ -1,0 +1,135 @@
+"""Rotary position embedding parameters: plain, linear and YaRN scaling, as DeepSeek-V3 and transformers define them.
+
+For YaRN (deepseek_v3_semantics.md §4): frequencies blend between base and base/factor over a ramp whose ends are
+floor/ceil of the correction dimensions for beta_fast and beta_slow; cos/sin are multiplied by
+`mscale(factor, mscale) / mscale(factor, mscale_all_dim)` (1.0 for V3); the softmax scale is multiplied by
+`mscale(factor, mscale_all_dim) ** 2` (0.1352337788608801 for V3 in all). YaRN never depends on the sequence length.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from core.errors import CheckpointError
+
+SUPPORTED = ("default", "linear", "yarn")
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    rope_type: str
+    theta: float
+    dim: int  # qk_rope_head_dim
+    factor: float = 1.0
+    original_max_position_embeddings: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float = 1.0  # cos/sin multiplier
+    truncate: bool = True
+
+    @staticmethod
+    def from_hf(d: dict, dim: int, max_positions: int, source: str) -> "RopeConfig":
+        params = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(params, dict):
+            raise CheckpointError(f"{source}: rope_parameters must be an object")
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+        if rope_type not in SUPPORTED:
+            raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported ({', '.join(SUPPORTED)})")
+        if not isinstance(theta, (int, float)) or theta <= 1:
+            raise CheckpointError(f"{source}: rope_theta must be a number > 1, got {theta!r}")
+        if params.get("partial_rotary_factor", 1.0) != 1.0:
+            raise CheckpointError(f"{source}: partial_rotary_factor is not supported for MLA")
+        if rope_type == "default":
+            return RopeConfig("default", float(theta), dim)
+        original = params.get("original_max_position_embeddings", d.get("original_max_position_embeddings", max_positions))
+        factor = params.get("factor")
+        if factor is None and rope_type == "yarn":
+            factor = max_positions / original
+        if not isinstance(factor, (int, float)) or factor <= 0:
+            raise CheckpointError(f"{source}: rope factor must be a positive number, got {factor!r}")
+        if rope_type == "linear":
+            return RopeConfig("linear", float(theta), dim, float(factor))
+        if not isinstance(original, int) or original < 1:
+            raise CheckpointError(f"{source}: original_max_position_embeddings must be a positive integer")
+        mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:  # transformers' rule
+            if mscale and mscale_all:
+                attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+            else:
+                attention_factor = yarn_mscale(factor)
+        return RopeConfig(
+            "yarn", float(theta), dim, float(factor), original,
+            float(params.get("beta_fast") or 32), float(params.get("beta_slow") or 1),
+            mscale, mscale_all, float(attention_factor), bool(params.get("truncate", True)),
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        if self.rope_type == "default":
+            return {"rope_theta": self.theta}
+        p: dict[str, Any] = {"type": self.rope_type, "factor": self.factor}
+        if self.rope_type == "yarn":
+            p.update(original_max_position_embeddings=self.original_max_position_embeddings,
+                     beta_fast=self.beta_fast, beta_slow=self.beta_slow)
+            if self.mscale is not None:
+                p["mscale"] = self.mscale
+            if self.mscale_all_dim is not None:
+                p["mscale_all_dim"] = self.mscale_all_dim
+        return {"rope_theta": self.theta, "rope_scaling": p}
+
+    @property
+    def softmax_scale_factor(self) -> float:
+        """Multiplier of qk_head_dim**-0.5 (transformers applies it to any scaled rope type with mscale_all_dim)."""
+        if self.rope_type != "default" and self.mscale_all_dim:
+            return yarn_mscale(self.factor, self.mscale_all_dim) ** 2
+        return 1.0
+
+    def inv_freq(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """[dim/2] inverse frequencies, computed with transformers' float32 arithmetic (float64 if asked)."""
+        exponent = torch.arange(0, self.dim, 2, dtype=torch.int64).to(dtype) / self.dim
+        pos_freqs = self.theta ** exponent
+        if self.rope_type == "default":
+            return 1.0 / pos_freqs
+        if self.rope_type == "linear":
+            return 1.0 / pos_freqs / self.factor
+        low, high = self._correction_range()
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(self.dim // 2, dtype=dtype) - low) / (high - low)).clamp(0, 1)
+        extrapolation = 1 - ramp
+        return 1.0 / (self.factor * pos_freqs) * (1 - extrapolation) + 1.0 / pos_freqs * extrapolation
+
+    def _correction_range(self) -> tuple[float, float]:
+        def dim_for(rotations: float) -> float:
+            return self.dim * math.log(self.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+                2 * math.log(self.theta))
+
+        low, high = dim_for(self.beta_fast), dim_for(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        return max(low, 0), min(high, self.dim - 1)
+
+
+class RotaryTable:
+    """cos/sin for any positions, on the model's device: `[T, P/2]` in float32 (float64 for float64 models)."""
+
+    def __init__(self, rope: RopeConfig, device: torch.device, dtype: torch.dtype):
+        self.dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.inv_freq = rope.inv_freq(self.dtype).to(device)
+        self.factor = rope.attention_factor
+
+    def __call__(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        angles = positions.to(self.dtype)[:, None] * self.inv_freq[None, :]
+        return angles.cos() * self.factor, angles.sin() * self.factor

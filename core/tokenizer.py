@@ -1,0 +1,72 @@
+"""Tokenizers: byte-level for the embedded default; a checkpoint's own `tokenizer.json` when the optional
+`tokenizers` package is installed. Token ids are always accepted directly (`--prompt-ids`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+from core.errors import UserError
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """id 0 = begin of sequence, 1 = end of sequence, 2 = padding, 3 + b = byte b. Other ids decode to nothing."""
+
+    OFFSET = 3
+
+    def __init__(self, bos_id: int | None = 0):
+        self.bos_id = bos_id
+
+    def encode(self, text: str) -> list[int]:
+        ids = [b + self.OFFSET for b in text.encode("utf-8")]
+        return ([self.bos_id] if self.bos_id is not None else []) + ids
+
+    def decode(self, ids: list[int]) -> str:
+        data = bytes(i - self.OFFSET for i in ids if self.OFFSET <= i < self.OFFSET + 256)
+        return data.decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A checkpoint's tokenizer.json through the `tokenizers` package; adds BOS as tokenizer_config.json says."""
+
+    def __init__(self, directory: Path, bos_id: int | None):
+        try:
+            from tokenizers import Tokenizer as _Tok
+        except ImportError:
+            raise UserError(f"{directory}/tokenizer.json needs the 'tokenizers' package (pip install tokenizers); "
+                            "or pass --prompt-ids") from None
+        try:
+            self.tok = _Tok.from_file(str(directory / "tokenizer.json"))
+        except Exception as e:  # the tokenizers library raises its own exception type
+            raise UserError(f"{directory}/tokenizer.json: cannot load ({str(e).splitlines()[0]})") from None
+        add_bos = True
+        cfg_file = directory / "tokenizer_config.json"
+        if cfg_file.is_file():
+            try:
+                add_bos = bool(json.loads(cfg_file.read_text()).get("add_bos_token", True))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{cfg_file}: invalid JSON ({e})") from None
+        self.bos_id = bos_id if add_bos else None
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if self.bos_id is not None else []) + ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+
+def for_checkpoint(directory: Path | None, bos_id: int | None) -> Tokenizer | None:
+    """The tokenizer of a checkpoint directory (None if it has none), or the byte tokenizer for the default."""
+    if directory is None:
+        return ByteTokenizer(bos_id)
+    if (directory / "tokenizer.json").is_file():
+        return HFTokenizer(directory, bos_id)
+    return None

@@ -1,0 +1,126 @@
+"""The graph against transformers' DeepseekV3ForCausalLM on the same weights (float32): teacher-forced logits,
+greedy continuations, chunked prefill, the absorbed decode path, and the MTP module against transformers' MtpLayer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.batch import Batch
+from core.generate import Generator
+from tests.helpers import GateMargins, build_hf, fresh_seed, hf_mtp, load_ours, reference_dispatch
+
+PROMPT_LEN = 80
+NEW_TOKENS = 32
+
+
+def decisive_model(tmp_path, **overrides):
+    """A fresh random model whose routing on a fresh prompt has no near-ties (margin >= 1e-4), redrawn if needed."""
+    for _ in range(5):
+        seed = fresh_seed()
+        d = tmp_path / f"m{seed}"
+        hf = build_hf(d, seed, **overrides)
+        ops = reference_dispatch()
+        margins = GateMargins(ops)
+        ours = load_ours(d, ops=ops)
+        g = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(2, hf.config.vocab_size, (PROMPT_LEN,), generator=g).tolist()
+        Generator(ours).teacher_forced_logits(prompt)
+        if margins.smallest >= 1e-4:
+            return hf, ours, d, prompt, seed
+    pytest.fail("could not draw a model with decisive routing in 5 tries")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return decisive_model(tmp_path_factory.mktemp("hf"))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_teacher_forced_logits_match_transformers(tiny):
+    hf, ours, _, prompt, seed = tiny
+    with torch.no_grad():
+        want = hf(torch.tensor([prompt])).logits[0]
+    got = Generator(ours).teacher_forced_logits(prompt)
+    assert got.shape == want.shape
+    assert rel(got, want) < 1e-5, f"seed {seed}"
+
+
+@pytest.mark.parametrize("chunk", [None, 7, 32])
+def test_greedy_continuation_matches_transformers(tiny, chunk):
+    hf, ours, _, prompt, seed = tiny
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+                          do_sample=False)
+    want = out[0, len(prompt):].tolist()
+    got = Generator(ours, prefill_chunk=chunk).generate([prompt], NEW_TOKENS, stop_at_eos=False).output_ids[0]
+    assert got == want, f"seed {seed}, chunk {chunk}"
+
+
+def test_decode_path_logits_match_transformers(tiny):
+    """Teacher-forced through the absorbed path: prefill half, then one mla_decode step per token."""
+    hf, ours, _, prompt, seed = tiny
+    with torch.no_grad():
+        want = hf(torch.tensor([prompt])).logits[0]
+        cache = ours.new_cache(1, len(prompt))
+        half = len(prompt) // 2
+        outs = [ours.logits(ours.forward(Batch.build([prompt[:half]], [0], [0], ours.device), cache))]
+        for i in range(half, len(prompt)):
+            b = Batch.build([[prompt[i]]], [0], [i], ours.device, decode=True)
+            outs.append(ours.logits(ours.forward(b, cache)))
+    assert rel(torch.cat(outs), want) < 1e-5, f"seed {seed}"
+
+
+def test_batched_prefill_matches_single_sequences(tiny):
+    """Three sequences of different lengths in one varlen batch equal each run alone."""
+    hf, ours, _, prompt, seed = tiny
+    prompts = [prompt[:17], prompt[5:70], prompt[40:41]]
+    gen = Generator(ours, prefill_chunk=16)
+    together = gen.generate(prompts, 8, stop_at_eos=False).output_ids
+    alone = [Generator(ours).generate([p], 8, stop_at_eos=False).output_ids[0] for p in prompts]
+    assert together == alone, f"seed {seed}"
+
+
+def test_mtp_draft_logits_match_transformers(tiny):
+    hf, ours, d, prompt, seed = tiny
+    mtp = hf_mtp(hf, d)
+    n = len(prompt)
+    with torch.no_grad():
+        h = hf.model(torch.tensor([prompt])).last_hidden_state
+        tokens = torch.tensor([prompt[1:]])
+        want = mtp._project_to_logits(mtp.forward_layer(0, h[:, :-1], torch.arange(1, n)[None], None,
+                                                        input_ids=tokens))[0]
+        cache, mtp_cache = ours.new_cache(1, n), ours.new_cache(1, n, mtp=True)
+        hidden = ours.forward(Batch.build([prompt], [0], [0], ours.device), cache)
+        g = ours.mtp_forward(Batch.build([prompt[1:]], [0], [0], ours.device, position_offset=1), hidden[:-1],
+                             mtp_cache)
+        got = ours.logits(g)
+    assert rel(hidden, h[0]) < 1e-5
+    assert rel(got, want) < 1e-5, f"seed {seed}"
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(q_lora_rank=None),                                   # Moonlight-style: q_proj, no q_lora
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rope_interleave=False),
+    dict(norm_topk_prob=False, n_shared_experts=2),
+    dict(first_k_dense_replace=0, n_group=1, topk_group=1),   # every layer MoE, ungrouped routing
+    dict(tie_word_embeddings=True, attention_bias=True),
+], ids=["no-q-lora", "plain-rope-half-layout", "no-renorm-2-shared", "all-moe-ungrouped", "tied-bias"])
+def test_config_variants_match_transformers(tmp_path, overrides):
+    hf, ours, _, prompt, seed = decisive_model(tmp_path, mtp=False, **overrides)
+    if overrides.get("attention_bias"):
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # transformers initialises biases to zero; make them count, and reload
+            for name, p in hf.named_parameters():
+                if name.endswith(".bias"):
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        d = tmp_path / "biased"
+        hf.save_pretrained(d)
+        ours = load_ours(d, with_mtp=False)
+    with torch.no_grad():
+        want = hf(torch.tensor([prompt])).logits[0]
+    got = Generator(ours, prefill_chunk=29).teacher_forced_logits(prompt)
+    assert rel(got, want) < 1e-5, f"seed {seed} {overrides}"

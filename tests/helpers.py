@@ -162,6 +162,22 @@ class GateMargins:
         ops.moe_gate = gate
 
 
+def run_main(module: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a CLI's main() in this process through the same wrapper the `python -m` entry point uses: exit status,
+    stdout and stderr as a subprocess would give them, without paying for a new interpreter."""
+    import contextlib
+    import importlib
+    import io
+
+    from core.run import run_cli as wrapper
+
+    mod = importlib.import_module(module if module != "conformance" else "conformance.__main__")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = wrapper(mod.main, list(args))
+    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run `python -m <args>` in the repository root with the test interpreter."""
     full_env = {**os.environ, **(env or {})}

@@ -33,10 +33,11 @@ import yaml
 from core.errors import ContractError
 from core.ops import OPERATORS, PREPARE_HOOKS, WEIGHT_HOOK, check_signature
 
-NUMERICS_CLASSES = ("reference", "w8a8", "w8a8_fnuz")
+NUMERICS_CLASSES = ("reference", "w8a8", "w8a8_fnuz", "w8a8_int8")
 """`reference`: weights dequantised exactly, activations in the working dtype. `w8a8`: activations quantised per
 token per 128 channels to e4m3fn (s = max(amax, 1e-4)/448) before a block-scaled FP8 GEMM; `w8a8_fnuz`: the same
-with e4m3fnuz and 240 (AMD MI300)."""
+with e4m3fnuz and 240 (AMD MI300); `w8a8_int8`: int8 weights per output channel and int8 activations per token
+(Ascend A2/A3, which have no FP8; see backends/cpu_ref/linear_int8.py)."""
 
 DTYPE_NAMES = {
     "float64": torch.float64,

@@ -31,6 +31,10 @@ def dequantize_blocks(weight: Tensor, scale_inv: Tensor | None, dtype: torch.dty
         return weight.to(dtype)
     ct = torch.float64 if dtype == torch.float64 else torch.float32
     rows, cols = weight.shape[-2:]
+    if rows % block == 0 and cols % block == 0:  # one broadcast multiply over [.., gr, 128, gc, 128] views
+        lead, (gr, gc) = weight.shape[:-2], scale_inv.shape[-2:]
+        blocks = weight.to(ct).view(*lead, gr, block, gc, block) * scale_inv.to(ct)[..., :, None, :, None]
+        return blocks.view(*lead, rows, cols).to(dtype)
     return (weight.to(ct) * expand_scales(scale_inv.to(ct), rows, cols, block)).to(dtype)
 
 

@@ -1,0 +1,184 @@
+"""Block level: one MLA layer (a varlen prefill, then decode steps of one and of two new tokens against the latent
+cache) and one MoE layer with the reference's routing injected, so that a gate difference cannot hide an
+expert-GEMM bug. Both run the real graph code (core.model) with the backend's operators and weight preparation,
+against the same code in float64 with cpu_ref."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from conformance.compare import Errors, errors
+from conformance.context import FAIL, PASS, SKIP, CheckResult, Suite
+from core.batch import Batch
+from core.checkpoint import MemoryCheckpoint
+from core.config import ModelConfig
+from core.default_model import DEFAULT_CONFIG, Rand, checkpoint_tensors, layer_tensors
+from core.model import Model
+from core.weights import WeightLoader
+
+MLA_DIMS = {
+    "quick": dict(hidden_size=256, num_attention_heads=4, q_lora_rank=96, kv_lora_rank=128, qk_rope_head_dim=32,
+                  qk_nope_head_dim=32, v_head_dim=32),
+    "full": dict(hidden_size=1024, num_attention_heads=16, q_lora_rank=384, kv_lora_rank=512, qk_rope_head_dim=64,
+                 qk_nope_head_dim=128, v_head_dim=128),
+    "gpu": dict(hidden_size=7168, num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64,
+                qk_nope_head_dim=128, v_head_dim=128),
+}
+MOE_DIMS = {
+    "quick": dict(hidden_size=256, moe_intermediate_size=96, n_routed_experts=16, n_group=4, topk_group=2,
+                  num_experts_per_tok=4),
+    "full": dict(hidden_size=1024, moe_intermediate_size=256, n_routed_experts=32, n_group=8, topk_group=4,
+                 num_experts_per_tok=8),
+    "gpu": dict(hidden_size=7168, moe_intermediate_size=2048, n_routed_experts=256, n_group=8, topk_group=4,
+                num_experts_per_tok=8),
+}
+V3_YARN = {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+           "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def _layer_source(dims: dict, moe: bool, seed: int) -> MemoryCheckpoint:
+    config = {**DEFAULT_CONFIG, **dims, "num_hidden_layers": 1, "first_k_dense_replace": 0 if moe else 1,
+              "intermediate_size": 128, "rope_scaling": V3_YARN, "max_position_embeddings": 163840}
+    cfg = ModelConfig.from_dict(config, "conformance block")
+    tensors = checkpoint_tensors(layer_tensors(cfg, "model.layers.0.", moe, Rand(seed)))
+    return MemoryCheckpoint(cfg, tensors, "conformance block")
+
+
+class _InjectedGate:
+    """A dispatch whose moe_gate returns fixed routing (moved to the caller's device)."""
+
+    def __init__(self, inner, weights: torch.Tensor, ids: torch.Tensor):
+        self._inner, self._routing = inner, (weights, ids)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def moe_gate(self, logits, *args):
+        w, ids = self._routing
+        return w.to(logits.device, torch.float64 if logits.dtype == torch.float64 else torch.float32), ids.to(logits.device)
+
+
+def _result(suite: Suite, name: str, dtype: torch.dtype, shape: str) -> tuple[CheckResult, object]:
+    dname = str(dtype).replace("torch.", "")
+    tol = suite.tolerances.lookup(name, dname, "reference", suite.mode_name)
+    r = CheckResult("block", f"block/{name}/{suite.case_set}/{dname}", name, SKIP, dname, shape, tolerance=tol.rtol,
+                    tolerance_reason=tol.reason, tolerance_source=tol.source)
+    return r, tol
+
+
+def _verdict(r: CheckResult, err: Errors, ref_err: Errors, tol) -> CheckResult:
+    r.rel_err, r.max_abs, r.max_rel, r.ref_rel_err = err.rel, err.max_abs, err.max_rel, ref_err.rel
+    r.verdict = PASS if err.rel <= tol.rtol else FAIL
+    if r.verdict == FAIL:
+        r.detail = f"error {err.rel:.3g} exceeds {tol.rtol:.3g} (cpu_ref in {r.dtype}: {ref_err.rel:.3g}); {r.detail}"
+    return r
+
+
+def mla_steps(model: Model, attn, xs: list[torch.Tensor], plan: list[tuple], cache) -> list[torch.Tensor]:
+    outs = []
+    for x, (tokens, starts, decode) in zip(xs, plan):
+        batch = Batch.build(tokens, [1, 0], starts, model.device, decode=decode)
+        cos, sin = model.rope(batch.positions)
+        outs.append(model._attention(attn, x.to(model.device), batch, cache.layers[0], cos, sin))
+    return outs
+
+
+def check_mla(suite: Suite, dtype: torch.dtype) -> CheckResult:
+    dims = MLA_DIMS[suite.case_set]
+    seed = suite.seed ^ zlib.crc32(b"mla")
+    prompt = (9, 14)
+    plan = [([[5] * prompt[0], [5] * prompt[1]], [0, 0], False)]  # prefill (tokens only size the batch)
+    lens = list(prompt)
+    for s in (1, 1, 1, 2):
+        plan.append(([[5] * s, [5] * s], list(lens), True))
+        lens = [n + s for n in lens]
+    r, tol = _result(suite, "mla_block", dtype, f"layer {dims}; prefill {list(prompt)} then decode S=1,1,1,2")
+    if tol.skip:
+        r.detail = tol.reason
+        return r
+    source = _layer_source(dims, False, seed)
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(sum(len(t) for t in tokens), dims["hidden_size"], generator=g, dtype=torch.float64)
+          for tokens, _, _ in plan]
+
+    def run(ops, device, work, run_dtype):
+        attn = WeightLoader(source, ops, device, run_dtype).attention("model.layers.0.self_attn.")
+        model = Model(source.config, None, ops, device, run_dtype)
+        cache = model.new_cache(2, max(lens) + 1)
+        outs = mla_steps(model, attn, [x.to(work).to(run_dtype) for x in xs], plan, cache)
+        return outs, cache.layers[0][:, : max(lens)]
+
+    cpu = torch.device("cpu")
+    golden, golden_cache = run(suite.golden_dispatch(), cpu, dtype, torch.float64)
+    ref, ref_cache = run(suite.golden_dispatch(), cpu, dtype, dtype)
+    try:
+        with torch.no_grad():
+            (got, got_cache), seconds = suite.timed(run, suite.dispatch, suite.device, dtype, dtype)
+    except Exception as e:
+        r.verdict, r.detail = FAIL, f"raised {type(e).__name__}: {e}"
+        return r
+    r.seconds = seconds
+    err, ref_err = Errors.zero(), Errors.zero()
+    worst_step = 0
+    for i, (a, b, c) in enumerate(zip(got, golden, ref)):
+        e = errors(a, b)
+        if e.rel > err.rel:
+            worst_step = i
+        err, ref_err = err.worst(e), ref_err.worst(errors(c, b))
+    for slot, n in ((1, lens[0]), (0, lens[1])):
+        err = err.worst(errors(got_cache[slot, :n], golden_cache[slot, :n]))
+    r.detail = f"worst step {worst_step} ({'prefill' if worst_step == 0 else 'decode'})"
+    return _verdict(r, err, ref_err, tol)
+
+
+def check_moe(suite: Suite, dtype: torch.dtype) -> CheckResult:
+    dims = MOE_DIMS[suite.case_set]
+    seed = suite.seed ^ zlib.crc32(b"moe")
+    tokens = 16
+    r, tol = _result(suite, "moe_block", dtype, f"layer {dims}; {tokens} tokens, reference routing injected")
+    if tol.skip:
+        r.detail = tol.reason
+        return r
+    source = _layer_source(dims, True, seed)
+    x = torch.randn(tokens, dims["hidden_size"], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    cpu = torch.device("cpu")
+    golden_ops = suite.golden_dispatch()
+    golden_layer = WeightLoader(source, golden_ops, cpu, torch.float64).moe("model.layers.0.mlp.")
+    golden_model = Model(source.config, None, golden_ops, cpu, torch.float64)
+    xw = x.to(dtype).to(torch.float64)
+    c = source.config
+    logits = golden_model._linear(xw, golden_layer.router)
+    routing = golden_ops.moe_gate(logits, golden_layer.bias, c.num_experts_per_tok, c.n_group, c.topk_group,
+                                  c.routed_scaling_factor, c.norm_topk_prob)
+
+    def run(ops, device, run_dtype):
+        injected = _InjectedGate(ops, *routing)
+        layer = WeightLoader(source, ops, device, run_dtype).moe("model.layers.0.mlp.")
+        return Model(source.config, None, injected, device, run_dtype)._moe(layer, xw.to(run_dtype).to(device))
+
+    golden = run(golden_ops, cpu, torch.float64)
+    ref = run(golden_ops, cpu, dtype)
+    try:
+        with torch.no_grad():
+            got, r.seconds = suite.timed(run, suite.dispatch, suite.device, dtype)
+    except Exception as e:
+        r.verdict, r.detail = FAIL, f"raised {type(e).__name__}: {e}"
+        return r
+    return _verdict(r, errors(got, golden), errors(ref, golden), tol)
+
+
+def run(suite: Suite) -> list[CheckResult]:
+    results = []
+    needs = {"mla_block": ["rms_norm", "apply_rope", "linear", "attention_prefill", "mla_decode"],
+             "moe_block": ["linear", "silu_and_mul", "moe_experts"]}
+    for name, check in (("mla_block", check_mla), ("moe_block", check_moe)):
+        missing = [op for op in needs[name] if op not in suite.backend.ops]
+        if missing:
+            results.append(CheckResult("block", f"block/{name}", name, FAIL,
+                                       detail=f"needs {', '.join(missing)}, not implemented by {suite.backend.name}"))
+            continue
+        for dtype in suite.working_dtypes(needs[name]):
+            results.append(check(suite, dtype))
+    return results

@@ -1,0 +1,44 @@
+"""Error metrics against a float64 golden value."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Errors:
+    rel: float  # ||got - golden|| / ||golden||
+    max_abs: float
+    max_rel: float  # max |got - golden| / max(|golden|, 1e-3 * max|golden|)
+
+    @staticmethod
+    def zero() -> "Errors":
+        return Errors(0.0, 0.0, 0.0)
+
+    def worst(self, other: "Errors") -> "Errors":
+        return Errors(max(self.rel, other.rel), max(self.max_abs, other.max_abs), max(self.max_rel, other.max_rel))
+
+
+def errors(got: Tensor, golden: Tensor) -> Errors:
+    """Norm-wise and element-wise errors; a NaN or inf anywhere in `got` is an infinite error."""
+    if got.numel() == 0:
+        return Errors.zero()
+    g, ref = got.detach().to("cpu", torch.float64), golden.detach().to("cpu", torch.float64)
+    if not torch.isfinite(g).all():
+        return Errors(math.inf, math.inf, math.inf)
+    diff = (g - ref).abs()
+    norm = float(ref.norm())
+    floor = max(1e-3 * float(ref.abs().max()), 1e-300)
+    rel = float(diff.norm()) / norm if norm > 0 else float(diff.norm())
+    return Errors(rel, float(diff.max()), float((diff / ref.abs().clamp_min(floor)).max()))
+
+
+def kl_divergence(golden_logits: Tensor, logits: Tensor) -> float:
+    """Mean over positions of KL(softmax(golden) || softmax(logits)), in float64."""
+    p = torch.log_softmax(golden_logits.double(), dim=-1)
+    q = torch.log_softmax(logits.double().to(p.device), dim=-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())

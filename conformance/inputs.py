@@ -1,0 +1,178 @@
+"""Random inputs for one operator case: drawn once in float64 (fresh, from a recorded seed), then materialised both
+in the working dtype on the backend's device and, from those very rounded values, in float64 on the CPU for the
+golden run. Weights pass through each side's own prepare hook."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from core.fp8 import quantize_blocks
+from core.rope import RopeConfig, RotaryTable
+
+F64 = torch.float64
+
+V3_ROPE = RopeConfig("yarn", 10000.0, 64, 40.0, 4096, 32.0, 1.0, 1.0, 1.0, 1.0, True)
+V3_SOFTMAX_SCALE = 192 ** -0.5 * V3_ROPE.softmax_scale_factor  # 0.1352337788608801
+
+
+@dataclass
+class Hooks:
+    prepare_linear: Callable
+    prepare_experts: Callable
+
+
+@dataclass
+class CaseInputs:
+    """`make(work_dtype, run_dtype, device, hooks)` returns the positional arguments of the operator."""
+
+    make: Callable[[torch.dtype, torch.dtype, torch.device, Hooks], tuple]
+    shape: str
+    extra: dict = field(default_factory=dict)  # what comparisons need (e.g. golden gate margins)
+
+
+def act(master: Tensor, work: torch.dtype, run: torch.dtype, device: torch.device) -> Tensor:
+    """An activation rounded to the working dtype, then held in the run dtype (float64 for golden)."""
+    return master.to(work).to(run).to(device)
+
+
+def fixed_dtype(op: str, p: dict) -> torch.dtype | None:
+    """The one working dtype a case runs in, when the contract fixes it (router logits and activations are float32)."""
+    if op == "moe_gate" or (op == "linear" and p.get("activation") == "float32"):
+        return torch.float32
+    return None
+
+
+def build(op: str, p: dict, g: torch.Generator) -> CaseInputs:
+    return BUILDERS[op](p, g)
+
+
+def randn(g: torch.Generator, *shape: int, scale: float = 1.0) -> Tensor:
+    return torch.randn(*shape, generator=g, dtype=F64) * scale
+
+
+def _norm(p, g):
+    x, w = randn(g, p["tokens"], p["dim"], scale=p.get("scale", 1.0)), 1 + 0.1 * randn(g, p["dim"])
+    eps = p.get("eps", 1e-6)
+    return CaseInputs(lambda wd, rd, dev, h: (act(x, wd, rd, dev), act(w, wd, rd, dev), eps),
+                      f"x[{p['tokens']},{p['dim']}]")
+
+
+def _add_norm(p, g):
+    s = p.get("scale", 1.0)
+    x, r, w = randn(g, p["tokens"], p["dim"], scale=s), randn(g, p["tokens"], p["dim"], scale=s), 1 + 0.1 * randn(g, p["dim"])
+    return CaseInputs(lambda wd, rd, dev, h: (act(x, wd, rd, dev), act(r, wd, rd, dev), act(w, wd, rd, dev), 1e-6),
+                      f"x,residual[{p['tokens']},{p['dim']}]")
+
+
+def _rope(p, g):
+    t, heads, dim = p["tokens"], p["heads"], p["dim"]
+    x = randn(g, t, heads, dim)
+    pos = torch.randint(0, p.get("max_position", 4096), (t,), generator=g)
+    rope = RopeConfig(**{**V3_ROPE.__dict__, "dim": dim})
+    cos, sin = RotaryTable(rope, torch.device("cpu"), torch.float32)(pos)
+    return CaseInputs(lambda wd, rd, dev, h: (act(x, wd, rd, dev)[:, :, :],
+                                              cos.to(rd if rd == F64 else torch.float32).to(dev),
+                                              sin.to(rd if rd == F64 else torch.float32).to(dev)),
+                      f"x[{t},{heads},{dim}] cos,sin[{t},{dim // 2}]")
+
+
+def _linear(p, g):
+    t, n, k = p["tokens"], p["n"], p["k"]
+    x = randn(g, t, k)
+    w = randn(g, n, k, scale=1 / math.sqrt(k))
+    kind = p.get("weight", "fp8")
+    if kind == "fp8":
+        codes, scale = quantize_blocks(w.float())
+
+        def make(wd, rd, dev, h):
+            return act(x, wd, rd, dev), h.prepare_linear(codes.to(dev), scale.to(dev))
+        shape = f"x[{t},{k}] W[{n},{k}] fp8 scale[{math.ceil(n / 128)},{math.ceil(k / 128)}]"
+    else:
+        wdt = {"same": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[kind]
+
+        def make(wd, rd, dev, h):
+            return act(x, wd, rd, dev), h.prepare_linear(act(w, wdt or wd, rd, dev), None)
+        shape = f"x[{t},{k}] W[{n},{k}] {kind}"
+    return CaseInputs(make, shape)
+
+
+def _silu(p, g):
+    x = randn(g, p["tokens"], 2 * p["inter"], scale=p.get("scale", 2.0))
+    return CaseInputs(lambda wd, rd, dev, h: (act(x, wd, rd, dev),), f"x[{p['tokens']},{2 * p['inter']}]")
+
+
+def _prefill(p, g):
+    seqs, heads, dqk, dv = [tuple(s) for s in p["seqs"]], p["heads"], p["dqk"], p["dv"]
+    tq, tk = sum(s[0] for s in seqs), sum(s[1] for s in seqs)
+    q, k, v = randn(g, tq, heads, dqk), randn(g, tk, heads, dqk), randn(g, tk, heads, dv)
+    cu_q = torch.tensor([0] + [sum(s[0] for s in seqs[:i + 1]) for i in range(len(seqs))], dtype=torch.int32)
+    cu_k = torch.tensor([0] + [sum(s[1] for s in seqs[:i + 1]) for i in range(len(seqs))], dtype=torch.int32)
+    scale = p.get("scale", V3_SOFTMAX_SCALE)
+
+    def make(wd, rd, dev, h):
+        return (act(q, wd, rd, dev), act(k, wd, rd, dev), act(v, wd, rd, dev), cu_q.to(dev), cu_k.to(dev), scale)
+    return CaseInputs(make, f"q[{tq},{heads},{dqk}] k[{tk},{heads},{dqk}] v[..,{dv}] seqs(q,k)={list(seqs)}")
+
+
+def _decode(p, g):
+    b, s, heads, r, pe = p["batch"], p["new"], p["heads"], p["rank"], p["rope"]
+    lens = torch.tensor(p["lens"], dtype=torch.int64)
+    slots = torch.randperm(b + 2, generator=g)[:b]
+    width = (max(p["lens"]) if b else 1) + 3
+    cache = randn(g, b + 2, width, r + pe)
+    for i in range(b):  # poison everything past lens: a kernel that reads it returns NaN
+        cache[slots[i], int(lens[i]):] = float("nan")
+    q_lat, q_pe = randn(g, b, s, heads, r, scale=0.1), randn(g, b, s, heads, pe)
+    scale = p.get("scale", V3_SOFTMAX_SCALE)
+
+    def make(wd, rd, dev, h):
+        return (act(q_lat, wd, rd, dev), act(q_pe, wd, rd, dev), act(cache, wd, rd, dev), slots.to(dev),
+                lens.to(dev), scale)
+    return CaseInputs(make, f"q_lat[{b},{s},{heads},{r}] cache[{b + 2},{width},{r + pe}] lens={p['lens']}")
+
+
+def _gate(p, g):
+    t, e = p["tokens"], p["experts"]
+    logits = randn(g, t, e, scale=2.0).float()
+    bias = (0.1 * randn(g, e)).float()
+    args = (p["top_k"], p["groups"], p["topk_group"], p["scale"], p.get("renorm", True))
+
+    def make(wd, rd, dev, h):
+        dt = F64 if rd == F64 else torch.float32
+        return (logits.to(dt).to(dev), bias.to(dt).to(dev)) + args
+    return CaseInputs(make, f"logits[{t},{e}] groups={p['groups']} keep={p['topk_group']} top_k={p['top_k']}")
+
+
+def _experts(p, g):
+    t, e, d, inter, k = p["tokens"], p["experts"], p["hidden"], p["inter"], p["top_k"]
+    x = randn(g, t, d)
+    ws = [randn(g, e, inter, d, scale=d ** -0.5), randn(g, e, inter, d, scale=d ** -0.5),
+          randn(g, e, d, inter, scale=inter ** -0.5)]
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) if t else torch.zeros(0, k, dtype=torch.int64)
+    weights = torch.rand(t, k, generator=g, dtype=F64).float() * 0.8 + 0.1
+    if p.get("weight", "fp8") == "fp8":
+        quantized = [quantize_blocks(w.float()) for w in ws]
+
+        def prepared(wd, rd, dev, h):
+            flat = [x for c, s in quantized for x in (c.to(dev), s.to(dev))]
+            return h.prepare_experts(*flat)
+    else:
+        def prepared(wd, rd, dev, h):
+            return h.prepare_experts(act(ws[0], wd, rd, dev), None, act(ws[1], wd, rd, dev), None,
+                                     act(ws[2], wd, rd, dev), None)
+
+    def make(wd, rd, dev, h):
+        return (act(x, wd, rd, dev), prepared(wd, rd, dev, h), weights.to(F64 if rd == F64 else torch.float32).to(dev),
+                ids.to(dev))
+    return CaseInputs(make, f"x[{t},{d}] experts[{e}x({inter},{d})] top_k={k} {p.get('weight', 'fp8')}")
+
+
+BUILDERS = {
+    "rms_norm": _norm, "add_rms_norm": _add_norm, "apply_rope": _rope, "linear": _linear, "silu_and_mul": _silu,
+    "attention_prefill": _prefill, "mla_decode": _decode, "moe_gate": _gate, "moe_experts": _experts,
+}

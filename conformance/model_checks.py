@@ -1,0 +1,194 @@
+"""Model level, on the embedded default model (every DeepSeek-V3 feature on): teacher-forced logits (relative error,
+KL divergence, top-1 agreement), greedy continuations, and MTP speculative decoding against plain greedy decoding.
+When a check fails, the backend's operators are tried one at a time (each alone, the rest cpu_ref in the same
+numerics class) and the operators that reproduce the failure are named."""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from functools import lru_cache
+
+import torch
+
+from conformance.compare import errors, kl_divergence
+from conformance.context import FAIL, PASS, SKIP, CheckResult, Suite
+from core.backend import Backend
+from core.default_model import load_default
+from core.dispatch import Dispatch
+from core.generate import Generator
+from core.model import Model
+from core.ops import OPERATORS, WEIGHT_HOOK
+
+PROMPT_LEN = 48
+NEW_TOKENS = 16
+
+
+@lru_cache(maxsize=1)
+def _source():
+    return load_default()
+
+
+def _prompts(seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [[0] + torch.randint(3, 259, (n - 1,), generator=g).tolist() for n in (PROMPT_LEN, 11)]
+
+
+def _model(ops: Dispatch, device: torch.device, dtype: torch.dtype) -> Model:
+    return Model.load(_source(), ops, device, dtype, with_mtp=True)
+
+
+def isolate(suite: Suite, op: str) -> Dispatch:
+    """A dispatch that takes only `op` (and its weight hook) from the backend, every other operator from cpu_ref
+    in the numerics class the backend declares for it."""
+    b, ref = suite.backend, suite.reference
+    ops = {name: suite.reference_op(name) for name in OPERATORS}
+    ops[op] = b.ops[op]
+    hooks = {"prepare_linear": ref.prepare_linear, "prepare_experts": ref.prepare_experts}
+    hook = WEIGHT_HOOK.get(op)
+    if hook and hook in b.hooks():
+        hooks[hook] = b.hooks()[hook]
+    manifest = dataclasses.replace(b.manifest, operators={**ref.manifest.operators, **b.manifest.operators})
+    hybrid = Backend(name=f"{b.name}[{op}]", device_type=b.device_type, dist_backend=b.dist_backend, probe=b.probe,
+                     ops=ops, manifest=manifest, **hooks)
+    return Dispatch(hybrid, ref)
+
+
+class ModelLevel:
+    def __init__(self, suite: Suite, dtype: torch.dtype):
+        self.suite, self.dtype = suite, dtype
+        self.dname = str(dtype).replace("torch.", "")
+        self.limits = suite.tolerances.model[self.dname]
+        self.near_tie = float(self.limits["near_tie"])
+        self.prompts = _prompts(suite.seed ^ zlib.crc32(b"model"))
+        self.golden = _model(suite.golden_dispatch(), torch.device("cpu"), torch.float64)
+        self.golden_logits = Generator(self.golden).teacher_forced_logits(self.prompts[0])
+
+    def _result(self, name: str, shape: str) -> CheckResult:
+        return CheckResult("model", f"model/{name}/{self.dname}", name, SKIP, self.dname, shape,
+                           tolerance_reason=self.limits["reason"], tolerance_source="conformance/tolerances.yaml")
+
+    def _decisive(self, logits: torch.Tensor) -> torch.Tensor:
+        top = logits.double().topk(2, dim=-1).values
+        return (top[:, 0] - top[:, 1]) >= self.near_tie
+
+    def logits_problem(self, ops: Dispatch) -> tuple[str, dict]:
+        logits = Generator(_model(ops, self.suite.device, self.dtype)).teacher_forced_logits(self.prompts[0]).cpu()
+        err = errors(logits, self.golden_logits)
+        kl = kl_divergence(self.golden_logits, logits)
+        decisive = self._decisive(self.golden_logits)
+        agree = (logits.argmax(-1) == self.golden_logits.argmax(-1)) | ~decisive
+        top1 = float(agree.double().mean())
+        stats = {"rel": err.rel, "kl": kl, "top1": top1, "max_abs": err.max_abs, "max_rel": err.max_rel}
+        bad = []
+        if not err.rel <= self.limits["rel"]:
+            bad.append(f"relative error {err.rel:.3g} > {self.limits['rel']}")
+        if not kl <= self.limits["kl"]:
+            bad.append(f"KL {kl:.3g} > {self.limits['kl']}")
+        if not top1 >= self.limits["top1"]:
+            bad.append(f"top-1 agreement {top1:.3f} < {self.limits['top1']}")
+        return "; ".join(bad), stats
+
+    def greedy_problem(self, ops: Dispatch) -> tuple[str, dict]:
+        """The fraction of the backend's greedy tokens that are golden's argmax on the backend's own prefix (a
+        near-tie position agrees either way)."""
+        model = _model(ops, self.suite.device, self.dtype)
+        agree = total = ties = 0
+        first = ""
+        for prompt in self.prompts:
+            out = Generator(model).generate([prompt], NEW_TOKENS, stop_at_eos=False).output_ids[0]
+            golden = Generator(self.golden).teacher_forced_logits(prompt + out[:-1])[len(prompt) - 1:]
+            decisive = self._decisive(golden).tolist()
+            for i, (a, b, d) in enumerate(zip(out, golden.argmax(-1).tolist(), decisive)):
+                total += 1
+                if a == b or not d:
+                    agree += 1
+                    ties += a != b
+                elif not first:
+                    first = f"first disagreement: token {i} is {a}, golden says {b} (prompt of {len(prompt)})"
+        fraction = agree / total
+        stats = {"greedy_agreement": fraction, "near_ties": ties}
+        if fraction < self.limits["greedy"]:
+            return f"greedy agreement {fraction:.3f} < {self.limits['greedy']}; {first}", stats
+        return "", stats
+
+    def mtp_problem(self, ops: Dispatch) -> tuple[str, dict]:
+        """Greedy decoding with MTP drafts must emit plain greedy decoding's tokens. The verify step runs two tokens
+        per sequence where plain decoding runs one, so a kernel that is not batch-invariant may round differently:
+        a divergence is accepted only at a near-tie of the backend's own logits (a margin below `near_tie`)."""
+        model = _model(ops, self.suite.device, self.dtype)
+        proposed = accepted = ties = 0
+        for prompt in self.prompts:
+            plain = Generator(model).generate([prompt], NEW_TOKENS, stop_at_eos=False).output_ids[0]
+            spec = Generator(model).generate([prompt], NEW_TOKENS, mtp=True, stop_at_eos=False)
+            proposed, accepted = proposed + spec.mtp_proposed, accepted + spec.mtp_accepted
+            got = spec.output_ids[0]
+            if got == plain:
+                continue
+            i = next(j for j, (a, b) in enumerate(zip(got, plain)) if a != b)
+            logits = Generator(model).teacher_forced_logits(prompt + plain[:i])[-1].double()
+            top = logits.topk(2).values
+            margin = float(top[0] - top[1])
+            if margin >= self.near_tie:
+                return (f"MTP output differs from plain greedy at token {i} (prompt of {len(prompt)}), where the "
+                        f"backend's top-2 margin is {margin:.3g} >= {self.near_tie}: {got} vs {plain}"), {}
+            ties += 1
+        return "", {"proposed": proposed, "accepted": accepted, "diverged_at_near_ties": ties}
+
+    def check(self, name: str, probe, bisect: bool) -> CheckResult:
+        shape = f"embedded default, prompts of {[len(p) for p in self.prompts]}, {NEW_TOKENS} new tokens"
+        r = self._result(name, shape)
+        if name == "mtp" and "mtp_skip" in self.limits:
+            r.detail = self.limits["mtp_skip"]
+            return r
+        try:
+            (problem, stats), r.seconds = self.suite.timed(probe, self.suite.dispatch)
+        except Exception as e:
+            problem, stats = f"raised {type(e).__name__}: {e}", {}
+        r.rel_err, r.max_abs, r.max_rel = stats.get("rel"), stats.get("max_abs"), stats.get("max_rel")
+        r.tolerance = self.limits.get("rel") if name == "logits" else None
+        r.detail = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items()
+                             if k not in ("max_abs", "max_rel"))
+        r.verdict = FAIL if problem else PASS
+        if problem:
+            r.detail = f"{problem} ({r.detail})" if r.detail else problem
+            if bisect:
+                r.culprits = self.bisect(probe)
+                r.detail += ("; reproduced by " + ", ".join(r.culprits) if r.culprits
+                             else "; no single operator reproduces it alone")
+        return r
+
+    def bisect(self, probe) -> list[str]:
+        culprits = []
+        for op in self.suite.backend.ops:
+            try:
+                problem, _ = probe(isolate(self.suite, op))
+            except Exception:
+                problem = "raised"
+            if problem:
+                culprits.append(op)
+        return culprits
+
+
+def run(suite: Suite, bisect: bool = True) -> list[CheckResult]:
+    missing = [op for op in OPERATORS if op not in suite.backend.ops]
+    if missing:
+        return [CheckResult("model", "model", "model", FAIL,
+                            detail=f"needs every operator; {suite.backend.name} lacks {', '.join(missing)}")]
+    results = []
+    ops = [op for op in OPERATORS if op != "moe_gate"]  # the gate always sees float32 logits
+    for dtype in suite.working_dtypes(ops):
+        if str(dtype).replace("torch.", "") not in suite.tolerances.model:
+            continue
+        skip = suite.tolerances.lookup("linear", str(dtype).replace("torch.", ""), "reference", suite.mode_name)
+        if skip.skip:
+            for name in ("logits", "greedy", "mtp"):
+                results.append(CheckResult("model", f"model/{name}/{str(dtype).replace('torch.', '')}", name, SKIP,
+                                           str(dtype).replace("torch.", ""), detail=skip.reason))
+            continue
+        level = ModelLevel(suite, dtype)
+        with torch.no_grad():
+            results.append(level.check("logits", level.logits_problem, bisect))
+            results.append(level.check("greedy", level.greedy_problem, bisect))
+            results.append(level.check("mtp", level.mtp_problem, False))
+    return results

@@ -1,0 +1,194 @@
+"""Operator level: every operator of the contract, every working dtype the manifest declares, every case of the
+selected case set. Numerics against the float64 golden of cpu_ref (in the backend's numerics class), plus the
+contract beyond numerics: output shape, dtype and device; inputs not modified; two runs give the same result."""
+
+from __future__ import annotations
+
+import math
+import zlib
+from pathlib import Path
+
+import torch
+import yaml
+from torch import Tensor
+
+from conformance.compare import Errors, errors
+from conformance.context import FAIL, PASS, SKIP, CheckResult, Suite
+from conformance.inputs import build, fixed_dtype
+from core.backend import DTYPE_NAMES
+from core.ops import OPERATORS
+
+CASES = Path(__file__).resolve().parent / "cases" / "ops.yaml"
+NEAR_TIE = 1e-5
+
+
+def load_cases() -> dict[str, list[dict]]:
+    return yaml.safe_load(CASES.read_text())
+
+
+def _flat(out) -> list[Tensor]:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _snapshot(args: tuple) -> list[tuple[int, Tensor]]:
+    return [(i, a.detach().clone()) for i, a in enumerate(args) if isinstance(a, Tensor)]
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    """Bitwise equality, NaN equal to NaN (poisoned inputs stay poisoned)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype in (torch.float8_e4m3fn, torch.float8_e4m3fnuz):
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    a, b = a.cpu(), b.cpu()
+    if a.is_floating_point():
+        return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    return torch.equal(a, b)
+
+
+def _structure(outs: list[Tensor], gold: list[Tensor], dtype: torch.dtype, op: str, device: torch.device) -> str:
+    if len(outs) != len(gold):
+        return f"returned {len(outs)} tensors, the contract says {len(gold)}"
+    for i, (o, g) in enumerate(zip(outs, gold)):
+        if not isinstance(o, Tensor):
+            return f"output {i} is {type(o).__name__}, not a tensor"
+        if tuple(o.shape) != tuple(g.shape):
+            return f"output {i} has shape {list(o.shape)}, expected {list(g.shape)}"
+        want = g.dtype if op == "moe_gate" else dtype
+        if op == "moe_gate":
+            want = torch.int64 if i == 1 else torch.float32
+        if o.dtype != want:
+            return f"output {i} has dtype {o.dtype}, expected {want}"
+        if o.device.type != device.type:
+            return f"output {i} is on {o.device}, expected {device}"
+    return ""
+
+
+def gate_errors(out, golden, logits: Tensor, bias: Tensor, top_k: int, n_group: int, topk_group: int):
+    """(weight errors on rows whose expert sets agree, rows that differ with a real margin, near-tie rows)."""
+    w, ids = out[0].cpu(), out[1].cpu()
+    gw, gids = golden[0].cpu(), golden[1].cpu()
+    s = torch.sigmoid(logits.cpu().double()) + bias.cpu().double()
+    t, e = s.shape
+    per = e // n_group
+    groups = s.view(t, n_group, per).topk(min(2, per), dim=-1).values.sum(-1)
+    margins = torch.full((t,), math.inf, dtype=torch.float64)
+    if topk_group < n_group:
+        top = groups.topk(topk_group + 1, dim=-1).values
+        margins = torch.minimum(margins, top[:, -2] - top[:, -1])
+    kept = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.topk(topk_group, dim=-1).indices, True)
+    masked = s.masked_fill(~kept.repeat_interleave(per, dim=1), -math.inf)
+    if top_k < masked.shape[1]:
+        top = masked.topk(top_k + 1, dim=-1).values
+        gap = top[:, -2] - top[:, -1]
+        margins = torch.minimum(margins, torch.where(torch.isfinite(gap), gap, torch.full_like(gap, math.inf)))
+    err, mismatched, near = Errors.zero(), [], []
+    agree_rows = []
+    for r in range(t):
+        if set(ids[r].tolist()) == set(gids[r].tolist()):
+            agree_rows.append(r)
+        elif margins[r] < NEAR_TIE:
+            near.append(r)
+        else:
+            mismatched.append(r)
+    if agree_rows:
+        rows = torch.tensor(agree_rows)
+        order, gorder = ids[rows].argsort(dim=1), gids[rows].argsort(dim=1)
+        err = errors(w[rows].gather(1, order), gw[rows].gather(1, gorder))
+    return err, mismatched, near
+
+
+def case_inputs(suite: Suite, op: str, case: dict):
+    seed = suite.seed ^ zlib.crc32(f"{op}/{case['name']}".encode())
+    return build(op, case, torch.Generator().manual_seed(seed))
+
+
+def check_case(suite: Suite, op: str, case: dict, dtype: torch.dtype, inputs=None) -> CheckResult:
+    name = f"op/{op}/{case['name']}/{str(dtype).replace('torch.', '')}"
+    dname = str(dtype).replace("torch.", "")
+    numerics = suite.numerics(op)
+    tol = suite.tolerances.lookup(op, dname, numerics, suite.mode_name)
+    result = CheckResult("op", name, op, SKIP, dname, tolerance=tol.rtol, tolerance_reason=tol.reason,
+                         tolerance_source=tol.source)
+    inputs = inputs or case_inputs(suite, op, case)
+    result.shape = inputs.shape
+    if tol.skip:
+        result.detail = tol.reason
+        return result
+    impl = getattr(suite.dispatch, op)
+    ref_op = suite.reference_op(op, numerics)
+    cpu = torch.device("cpu")
+    golden = _flat(ref_op(*inputs.make(dtype, torch.float64, cpu, suite.reference_hooks())))
+    ref_out = _flat(ref_op(*inputs.make(dtype, dtype, cpu, suite.reference_hooks())))
+    args = inputs.make(dtype, dtype, suite.device, suite.backend_hooks())
+    before = _snapshot(args)
+    try:
+        out, seconds = suite.timed(impl, *args)
+        again = impl(*args)
+    except Exception as e:  # a backend's exception is a failed check, never a fallback
+        result.verdict, result.detail = FAIL, f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return result
+    result.seconds = seconds
+    outs, outs2 = _flat(out), _flat(again)
+    problem = _structure(outs, golden, dtype, op, suite.device)
+    if not problem:
+        changed = [i for i, t in before if not _same(t, args[i])]
+        if changed:
+            problem = f"modified its input argument(s) {changed}"
+    if not problem and not all(_same(a, b) for a, b in zip(outs, outs2)) and op not in suite.manifest.nondeterministic:
+        problem = "two runs on the same input gave different results (and the manifest declares no reason)"
+    if problem:
+        result.verdict, result.detail = FAIL, problem
+        return result
+    if op == "moe_gate":
+        logits, bias, top_k, n_group, topk_group = args[0], args[1], args[2], args[3], args[4]
+        err, mismatched, near = gate_errors(outs, golden, logits, bias, top_k, n_group, topk_group)
+        ref_err, _, _ = gate_errors(ref_out, golden, logits, bias, top_k, n_group, topk_group)
+        notes = []
+        if near:
+            notes.append(f"{len(near)} near-tie row(s) (margin < {NEAR_TIE}) chose another expert set: reported, not failed")
+        if mismatched:
+            result.verdict = FAIL
+            notes.insert(0, f"expert sets differ from golden in {len(mismatched)} of {logits.shape[0]} rows "
+                            f"with a clear margin (first: row {mismatched[0]})")
+        result.detail = "; ".join(notes)
+    else:
+        err = Errors.zero()
+        ref_err = Errors.zero()
+        for o, g, r in zip(outs, golden, ref_out):
+            err, ref_err = err.worst(errors(o, g)), ref_err.worst(errors(r, g))
+    result.rel_err, result.max_abs, result.max_rel, result.ref_rel_err = err.rel, err.max_abs, err.max_rel, ref_err.rel
+    if result.verdict != FAIL:
+        result.verdict = PASS if err.rel <= tol.rtol else FAIL
+        if result.verdict == FAIL:
+            result.detail = (f"error {err.rel:.3g} exceeds {tol.rtol:.3g} (cpu_ref in {dname}: {ref_err.rel:.3g})"
+                             + (f"; {result.detail}" if result.detail else ""))
+    route = suite.dispatch.routes[op]
+    if route.limited_calls:
+        result.detail = (result.detail + "; " if result.detail else "") + \
+            f"served by cpu_ref under the backend's declared limit ({route.limit})"
+        route.limited_calls.clear()
+    return result
+
+
+def run(suite: Suite, ops: list[str] | None = None) -> list[CheckResult]:
+    cases = load_cases()
+    results = []
+    for op in ops or list(OPERATORS):
+        if op not in suite.backend.ops:
+            results.append(CheckResult("op", f"op/{op}", op, FAIL,
+                                       detail=f"not implemented by {suite.backend.name} (conformance forbids fallback)"))
+            continue
+        entry = suite.manifest.operators[op]
+        declared = [DTYPE_NAMES[d] for d in entry.dtypes if d != "float64"]
+        for case in cases.get(op, []):
+            if suite.case_set not in case["sets"]:
+                continue
+            fixed = fixed_dtype(op, case)
+            if fixed is not None and fixed not in declared:
+                continue
+            dtypes = [fixed] if fixed is not None else declared
+            inputs = case_inputs(suite, op, case)
+            for dtype in dtypes:
+                results.append(check_case(suite, op, case, dtype, inputs))
+    return results

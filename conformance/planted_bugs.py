@@ -1,0 +1,123 @@
+"""Realistic bugs, each planted in one operator of an otherwise-reference backend, for the suite's self-test: the
+suite must fail every one of them and name the right operator (tests/test_conformance_selftest.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from backends import cpu_ref
+from backends.cpu_ref.attention import attention_prefill as _prefill
+from backends.cpu_ref.attention import mla_decode as _decode
+from backends.cpu_ref.moe import moe_gate as _gate
+from core.backend import Availability, Backend
+from core.ops import LinearWeight, compute_dtype
+
+
+def rope_on_interleaved_pairs(x, cos, sin):
+    """Rotates (x[2i], x[2i+1]) as the checkpoint's raw layout would, instead of the half layout."""
+    ct = compute_dtype(x.dtype)
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1] // 2,)
+    c, s = cos.to(ct).reshape(shape), sin.to(ct).reshape(shape)
+    x1, x2 = x[..., 0::2].to(ct), x[..., 1::2].to(ct)
+    return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2).to(x.dtype)
+
+
+def gate_bias_in_weights(logits, bias, top_k, n_group, topk_group, scale, renorm):
+    """The correction bias leaks into the expert weights."""
+    weights, ids = _gate(logits, bias, top_k, n_group, topk_group, scale, renorm)
+    biased = torch.sigmoid(logits.float()) + (bias.float() if bias is not None else 0)
+    w = biased.gather(1, ids)
+    if renorm:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return (w * scale).to(weights.dtype), ids
+
+
+def gate_group_by_max(logits, bias, top_k, n_group, topk_group, scale, renorm):
+    """Groups scored by their best expert (the V2 rule) instead of the sum of their top two."""
+    if n_group <= 1 or topk_group >= n_group:
+        return _gate(logits, bias, top_k, n_group, topk_group, scale, renorm)
+    t, e = logits.shape
+    scores = torch.sigmoid(logits.float())
+    choice = scores + (bias.float() if bias is not None else 0)
+    group = choice.view(t, n_group, -1).amax(-1)
+    keep = torch.zeros_like(group, dtype=torch.bool).scatter_(1, group.topk(topk_group, -1).indices, True)
+    choice = choice.masked_fill(~keep.repeat_interleave(e // n_group, 1), float("-inf"))
+    ids = choice.topk(top_k, -1).indices
+    w = scores.gather(1, ids)
+    if renorm:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return w * scale, ids
+
+
+def gate_not_renormalised(logits, bias, top_k, n_group, topk_group, scale, renorm):
+    return _gate(logits, bias, top_k, n_group, topk_group, scale, False)
+
+
+def prefill_default_scale(q, k, v, cu_q, cu_k, scale):
+    """Uses 1/sqrt(head_dim) (the YaRN mscale^2 factor missing) instead of the scale it was given."""
+    return _prefill(q, k, v, cu_q, cu_k, q.shape[-1] ** -0.5)
+
+
+def prefill_top_left_mask(q, k, v, cu_q, cu_k, scale):
+    """Causal mask aligned to the top left: with a cached prefix, query i sees keys 0..i only."""
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(bq) - 1):
+        lq = bq[b + 1] - bq[b]
+        if lq == 0:
+            continue
+        trimmed = torch.tensor([0, lq], dtype=torch.int32)
+        out[bq[b]:bq[b + 1]] = _prefill(q[bq[b]:bq[b + 1]], k[bk[b]:bk[b] + lq], v[bk[b]:bk[b] + lq], trimmed,
+                                        trimmed, scale)
+    return out
+
+
+def linear_scales_transposed(x, w):
+    """FP8 block scales read with rows and columns swapped (the grid's data transposed)."""
+    s = w.scale_inv
+    if s is not None:
+        s = s.t().contiguous().view(s.shape)
+    return cpu_ref.linear(x, LinearWeight(w.weight, s))
+
+
+def silu_on_up_half(x):
+    inter = x.shape[-1] // 2
+    return cpu_ref.silu_and_mul(torch.cat([x[..., inter:], x[..., :inter]], dim=-1))
+
+
+def decode_one_position_too_many(q_lat, q_pe, cache, slots, lens, scale):
+    """Attends to one cache position past the sequence's length."""
+    return _decode(q_lat, q_pe, cache, slots, lens + 1, scale)
+
+
+def rms_norm_fixed_eps(x, weight, eps):
+    """A hard-coded epsilon of 1e-5 instead of the model's."""
+    return cpu_ref.rms_norm(x, weight, 1e-5)
+
+
+PLANTED = {
+    "rope_on_interleaved_pairs": ("apply_rope", rope_on_interleaved_pairs),
+    "gate_bias_in_weights": ("moe_gate", gate_bias_in_weights),
+    "gate_group_by_max": ("moe_gate", gate_group_by_max),
+    "gate_not_renormalised": ("moe_gate", gate_not_renormalised),
+    "prefill_yarn_scale_missing": ("attention_prefill", prefill_default_scale),
+    "prefill_top_left_mask": ("attention_prefill", prefill_top_left_mask),
+    "linear_fp8_scales_transposed": ("linear", linear_scales_transposed),
+    "silu_on_up_half": ("silu_and_mul", silu_on_up_half),
+    "decode_one_position_too_many": ("mla_decode", decode_one_position_too_many),
+    "rms_norm_wrong_eps": ("rms_norm", rms_norm_fixed_eps),
+}
+"""bug name -> (the operator it lives in, the buggy implementation)."""
+
+
+def buggy_backend(bug: str) -> tuple[Backend, Availability]:
+    """cpu_ref with one planted bug, as a backend the suite can judge."""
+    op, impl = PLANTED[bug]
+    ref = cpu_ref.BACKEND
+    manifest = dataclasses.replace(ref.manifest, backend=f"bug-{bug}")
+    backend = Backend(name=f"bug-{bug}", device_type="cpu", dist_backend="gloo", probe=ref.probe,
+                      ops={**ref.ops, op: impl}, prepare_linear=ref.prepare_linear,
+                      prepare_experts=ref.prepare_experts, manifest=manifest, origin="planted bug")
+    return backend, ref.probe(None)

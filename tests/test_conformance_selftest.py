@@ -1,0 +1,107 @@
+"""The conformance suite proves its own power: every planted bug fails it, with the right operator named, while
+the unmodified reference passes; a scaffolded backend is discovered, passes, and fails naming the operator broken
+in it; an out-of-tree package with the entry point is judged the same way."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conformance import model_checks, op_checks
+from conformance.__main__ import run_suite
+from conformance.context import FAIL, PASS, Suite
+from conformance.planted_bugs import PLANTED, buggy_backend
+from core import registry
+from core.backend import RunMode
+from tests.helpers import fresh_seed, run_cli, run_main
+
+CAUGHT_AT_MODEL_LEVEL = ["rope_on_interleaved_pairs", "gate_bias_in_weights", "gate_not_renormalised",
+                         "linear_fp8_scales_transposed", "silu_on_up_half", "prefill_yarn_scale_missing"]
+
+
+def failing_ops(results) -> set[str]:
+    return {r.op for r in results if r.verdict == FAIL}
+
+
+def test_reference_passes_every_level():
+    backend, avail = registry.activate("cpu_ref")
+    suite = Suite(backend, avail, RunMode(), "quick", fresh_seed())
+    results = run_suite(suite, ["op", "block", "model"], echo=lambda *_: None)
+    assert failing_ops(results) == set(), [r.detail for r in results if r.verdict == FAIL]
+    assert sum(r.verdict == PASS for r in results) > 90
+
+
+@pytest.mark.parametrize("bug", sorted(PLANTED))
+def test_planted_bug_fails_and_is_named(bug):
+    backend, avail = buggy_backend(bug)
+    seed = fresh_seed()
+    suite = Suite(backend, avail, RunMode(), "quick", seed)
+    results = op_checks.run(suite) + run_suite(suite, ["block"], echo=lambda *_: None)
+    op = PLANTED[bug][0]
+    named = {r.op for r in results if r.verdict == FAIL and r.level == "op"}
+    assert named == {op}, f"{bug}: op level named {named}, expected {op} (seed {seed})"
+
+
+@pytest.mark.parametrize("bug", CAUGHT_AT_MODEL_LEVEL)
+def test_model_level_bisection_names_the_operator(bug):
+    backend, avail = buggy_backend(bug)
+    suite = Suite(backend, avail, RunMode(), "quick", fresh_seed())
+    level = model_checks.ModelLevel(suite, torch.float32)
+    with torch.no_grad():
+        result = level.check("logits", level.logits_problem, bisect=True)
+    assert result.verdict == FAIL, result.detail
+    assert result.culprits == [PLANTED[bug][0]], result.detail
+
+
+def test_scaffolded_backend_is_discovered_passes_and_names_a_broken_operator(tmp_path):
+    env = {registry.PATH_ENV: str(tmp_path)}
+    made = run_cli("conformance", "new-backend", "acme", "--dir", str(tmp_path), env=env)
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "acme" / "ops" / "mla_decode.py").is_file()
+    ok = run_cli("conformance", "--backend", "acme", "--cases", "quick", "--level", "op,block",
+                 "--report", str(tmp_path / "ok"), env=env)
+    assert ok.returncode == 0, ok.stdout[-2000:] + ok.stderr
+    report = json.loads((tmp_path / "ok" / "report.json").read_text())
+    assert report["summary"]["failed"] == 0 and report["dispatch"]["rms_norm"] == "acme"
+    op_file = tmp_path / "acme" / "ops" / "silu_and_mul.py"
+    op_file.write_text(op_file.read_text().replace('return OPS["silu_and_mul"](x)', 'return OPS["silu_and_mul"](x) * 1.01'))
+    bad = run_cli("conformance", "--backend", "acme", "--cases", "quick", "--level", "op",
+                  "--report", str(tmp_path / "bad"), "--compare", str(tmp_path / "ok" / "report.json"), env=env)
+    assert bad.returncode == 1
+    report = json.loads((tmp_path / "bad" / "report.json").read_text())
+    assert report["summary"]["failed_ops"] == ["silu_and_mul"]
+    markdown = (tmp_path / "bad" / "report.md").read_text()
+    assert "Compared with another report" in markdown and "op/silu_and_mul" in markdown
+
+
+def test_scaffold_refuses_bad_names(tmp_path):
+    for name, needle in (("Bad-Name", "not a valid backend name"), ("cpu_ref", "already")):
+        r = run_main("conformance", "new-backend", name, "--dir", str(tmp_path))
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_out_of_tree_package_is_judged(tmp_path):
+    from conformance.scaffold import create
+
+    site = tmp_path / "site"
+    create("vendory", site)
+    dist = site / "vendory-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: vendory\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[{registry.ENTRY_POINT_GROUP}]\nvendory = vendory\n")
+    r = run_cli("conformance", "--backend", "vendory", "--cases", "quick", "--level", "op",
+                "--report", str(tmp_path / "rep"), env={"PYTHONPATH": str(site)})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    env = json.loads((tmp_path / "rep" / "report.json").read_text())["environment"]
+    assert env["backend"] == "vendory" and "entry point" in env["backend_origin"]
+
+
+def test_cli_refuses_bad_options():
+    for args, needle in ((["--backend", "cpu_ref", "--level", "op,chip"], "--level"),
+                         (["--backend", "cpu_ref", "--ops", "rms_norm,flash"], "--ops"),
+                         (["--backend", "nonesuch"], "unknown backend"),
+                         (["--backend", "cpu_ref", "--compare", "/nonexistent.json"], "--compare")):
+        r = run_main("conformance", *args)
+        assert r.returncode == 2 and needle in r.stderr, r.stderr

@@ -56,7 +56,7 @@ class Suite:
 
         self.reference = self.reference or registry.load(registry.REFERENCE)
         self.tolerances = self.tolerances or ToleranceTable(self.backend.manifest)
-        self.dispatch = Dispatch(self.backend, self.reference, strict=False)
+        self.dispatch = Dispatch(self.backend, self.reference, strict=False, numerics=self.availability.numerics)
 
     @property
     def device(self) -> torch.device:
@@ -71,8 +71,8 @@ class Suite:
         return "interpret" if self.mode.interpret else "simulate" if self.mode.simulate else "normal"
 
     def numerics(self, op: str) -> str:
-        entry = self.manifest.operators.get(op)
-        return entry.numerics if entry else "reference"
+        """The numerics class `op` is judged in: the probe's per-device class, else the manifest's."""
+        return self.dispatch.routes[op].numerics if op in self.backend.ops else "reference"
 
     def reference_op(self, op: str, numerics: str | None = None):
         return cpu_ref.NUMERICS[numerics or self.numerics(op)][op]

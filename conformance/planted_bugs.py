@@ -11,6 +11,7 @@ from backends import cpu_ref
 from backends.cpu_ref.attention import attention_prefill as _prefill
 from backends.cpu_ref.attention import mla_decode as _decode
 from backends.cpu_ref.moe import moe_gate as _gate
+from core import registry
 from core.backend import Availability, Backend
 from core.ops import LinearWeight, compute_dtype
 
@@ -115,7 +116,7 @@ PLANTED = {
 def buggy_backend(bug: str) -> tuple[Backend, Availability]:
     """cpu_ref with one planted bug, as a backend the suite can judge."""
     op, impl = PLANTED[bug]
-    ref = cpu_ref.BACKEND
+    ref = registry.load(registry.REFERENCE)  # with its manifest attached
     manifest = dataclasses.replace(ref.manifest, backend=f"bug-{bug}")
     backend = Backend(name=f"bug-{bug}", device_type="cpu", dist_backend="gloo", probe=ref.probe,
                       ops={**ref.ops, op: impl}, prepare_linear=ref.prepare_linear,

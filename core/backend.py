@@ -66,6 +66,7 @@ class Availability:
     reason: str = ""
     device: torch.device | None = None
     environment: dict[str, str] = field(default_factory=dict)  # toolkit, driver, device name: for reports
+    numerics: dict[str, str] = field(default_factory=dict)  # per-device override of the manifest's numerics class
 
     @staticmethod
     def no(reason: str) -> "Availability":

@@ -11,8 +11,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from core.backend import Backend, Limited
-from core.errors import UserError
+from core.backend import NUMERICS_CLASSES, Backend, Limited
+from core.errors import ContractError, UserError
 from core.ops import OPERATORS, PREPARE_HOOKS, WEIGHT_HOOK
 
 
@@ -47,7 +47,9 @@ class Dispatch:
     Attributes named after every operator and hook of core.ops are plain callables.
     """
 
-    def __init__(self, backend: Backend, reference: Backend, strict: bool = False):
+    def __init__(self, backend: Backend, reference: Backend, strict: bool = False,
+                 numerics: dict[str, str] | None = None):
+        """`numerics`: the probe's per-device numerics classes (Availability.numerics), overriding the manifest's."""
         self.backend = backend
         self.reference = reference
         missing = [op for op in OPERATORS if op not in backend.ops]
@@ -58,11 +60,15 @@ class Dispatch:
             )
         self.routes: dict[str, Route] = {}
         manifest = backend.manifest
+        per_device = numerics or {}
+        unknown = {v for v in per_device.values() if v not in NUMERICS_CLASSES}
+        if unknown:
+            raise ContractError(f"backend {backend.name}: its probe names unknown numerics classes {sorted(unknown)}")
         for op in OPERATORS:
             if op in backend.ops:
                 impl = backend.ops[op]
-                numerics = manifest.operators[op].numerics if manifest else "reference"
-                route = Route(op, backend.name, False, numerics)
+                cls = per_device.get(op) or (manifest.operators[op].numerics if manifest else "reference")
+                route = Route(op, backend.name, False, cls)
                 if isinstance(impl, Limited):
                     route.limit = manifest.limits.get(op, "") if manifest else "declared limits"
                     impl = _limited(impl, reference.ops[op], route.limited_calls)

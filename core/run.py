@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     backend, avail = registry.activate(args.backend, mode)
     reference = registry.load(registry.REFERENCE)
-    ops = Dispatch(backend, reference, strict=args.strict)
+    ops = Dispatch(backend, reference, strict=args.strict, numerics=avail.numerics)
     dtype = DTYPES[args.dtype]
 
     t0 = time.perf_counter()

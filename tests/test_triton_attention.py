@@ -57,6 +57,13 @@ def test_prefill_varlen_prefixes_f32(cfg):
     check_prefill(*prefill_inputs(lq, lk, heads=3, d_qk=48, d_v=32), scale=0.3, cfg=cfg)
 
 
+def test_prefill_block_boundaries():
+    # prefixes and lengths on both sides of the 16-wide block edges (diagonal blocks start mid-block or at its edge)
+    lq = [15, 16, 17, 14, 31, 7, 2]
+    lk = [16, 31, 31, 16, 47, 16, 17]
+    check_prefill(*prefill_inputs(lq, lk, heads=1, d_qk=32, d_v=16, seed=3), scale=0.3, cfg=SMALL_BLOCKS)
+
+
 def test_prefill_single_token():
     check_prefill(*prefill_inputs([1], [1], heads=2, d_qk=48, d_v=32), scale=0.5, cfg=SMALL_BLOCKS)
     check_prefill(*prefill_inputs([1], [13], heads=2, d_qk=48, d_v=32), scale=0.5, cfg=SMALL_BLOCKS)
@@ -158,7 +165,7 @@ SPLIT_CFGS = [
 @pytest.mark.parametrize("s_new", [1, 2])
 @pytest.mark.parametrize("cfg", SPLIT_CFGS, ids=["splits1", "splits3", "splits4", "default"])
 def test_decode_f32_splits(s_new, cfg):
-    lens = [40, 2, 17, 33] if s_new == 2 else [40, 1, 17, 33]
+    lens = [40, 2, 17, 33, 32] if s_new == 2 else [40, 1, 17, 33, 16]
     check_decode(*decode_inputs(lens, s_new, heads=4, rank=64, rope=16), scale=0.15, cfg=cfg)
 
 
@@ -192,10 +199,10 @@ def test_decode_real_head_dims():
 
 
 def test_decode_noncontiguous_cache_and_queries():
-    q_lat, q_pe, cache, slots, lens = decode_inputs([14, 30], 1, heads=4, rank=32, rope=16)
-    layered = torch.full((2,) + cache.shape, float("nan"))
-    layered[1] = cache
-    layer_view = layered.permute(1, 2, 0, 3)[:, :, 1]  # [N, L, R+P] with a row stride of 2*(R+P)
+    q_lat, q_pe, cache, slots, lens = decode_inputs([14, 30], 2, heads=4, rank=32, rope=16)
+    interleaved = torch.full((cache.shape[0], cache.shape[1], 2, cache.shape[2]), float("nan"))
+    interleaved[:, :, 1] = cache
+    layer_view = interleaved[:, :, 1]  # [N, L, R+P] with a row stride of 2*(R+P)
     q_lat_t = q_lat.transpose(1, 2).contiguous().transpose(1, 2)  # [B, S, H, R] with S and H swapped in memory
     assert not layer_view.is_contiguous() and not q_lat_t.is_contiguous()
     check_decode(q_lat_t, q_pe, layer_view, slots, lens, 0.2,

@@ -3,28 +3,16 @@ Ascend deployments of DeepSeek do on A2/A3, which have no FP8)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from backends.ascend.weights import to_device_dtype
+from core.ops import LinearWeight
 
 
-@dataclass(frozen=True)
-class AscendLinear:
-    """weight: [N, K], bfloat16 for FP8 checkpoint weights, else the float dtype the loader handed over (the
-    working dtype, or float32 for the MoE router)."""
-
-    weight: Tensor
-
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
+class AscendLinear(LinearWeight):
+    """core.ops.LinearWeight without scales: weight [N, K], bfloat16 for FP8 checkpoint weights (dequantised at
+    load), else the float dtype the loader handed over (the working dtype, or float32 for the MoE router)."""
 
 
 def prepare_linear(weight: Tensor, scale_inv: Tensor | None) -> AscendLinear:

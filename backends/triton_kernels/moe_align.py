@@ -1,0 +1,57 @@
+"""Sort the (token, slot) pairs of a routing by expert and pad every expert's run to BLOCK_M rows, so that each
+BLOCK_M-row block of the grouped GEMMs belongs to one expert (vLLM/SGLang `moe_align_block_size`).
+
+Plain device-neutral torch ops with host-known output sizes: no host synchronisation, so it can be captured in a
+CUDA graph. Pair p = t * k + j stands for token t's j-th expert; padding rows hold the sentinel `T * k`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """sorted_pairs: [capacity] int32 pair ids grouped by expert, each run padded to block_m with T*k.
+    block_expert: [capacity / block_m] int32 expert of each block, -1 for blocks past the last used one."""
+
+    sorted_pairs: Tensor
+    block_expert: Tensor
+    block_m: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_expert.shape[0]
+
+
+def capacity(pairs: int, num_experts: int, block_m: int) -> int:
+    """Rows needed in the worst case: every pair, plus up to block_m - 1 padding rows per expert that received a
+    pair (at most min(E, pairs) of them), rounded up to whole blocks."""
+    rows = pairs + min(num_experts, pairs) * (block_m - 1)
+    return -(-rows // block_m) * block_m
+
+
+def align_block_size(ids: Tensor, num_experts: int, block_m: int) -> Alignment:
+    """ids: [T, k] int expert ids in [0, num_experts). Returns the Alignment (see the class)."""
+    device = ids.device
+    flat = ids.reshape(-1).to(torch.int64)
+    pairs = flat.numel()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    starts = ends - padded
+    first = torch.cumsum(counts, 0) - counts  # index of each expert's first pair in expert-sorted order
+    order = torch.sort(flat, stable=True).indices
+    expert_of = flat[order]
+    rank = torch.arange(pairs, device=device) - first[expert_of]
+    cap = capacity(pairs, num_experts, block_m)
+    sorted_pairs = torch.full((cap,), pairs, dtype=torch.int32, device=device)
+    sorted_pairs[starts[expert_of] + rank] = order.to(torch.int32)
+    block_start = torch.arange(0, cap, block_m, device=device)
+    block_expert = torch.searchsorted(ends, block_start, right=True)
+    block_expert = torch.where(block_start < ends[-1], block_expert, -1).to(torch.int32)
+    return Alignment(sorted_pairs, block_expert, block_m)

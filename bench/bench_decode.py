@@ -148,8 +148,7 @@ def decode_rate(backend: Backend, reference: Backend, cfg: ModelConfig, raw: dic
         print(f"  {backend.name:8s} batch {b:4d}: {rates[b]:.1f} decode tokens/s", flush=True)
     del model, gen, source
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    harness.empty_cache(device)
     return rates
 
 

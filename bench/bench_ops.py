@@ -215,13 +215,12 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict]:
                                          case.flops, roofs)
                 rows.append(row)
                 print(harness.format_table([row]).splitlines()[-1], flush=True)
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        harness.empty_cache(dev)
     meta = {"title": f"bench_ops: {args.backend} operators", "device": harness.device_label(avail),
             "backend": args.backend, "dtype": str(dt).replace("torch.", ""), "tiny": args.tiny,
             "interpret": args.interpret, "copy_gbps": round(roofs.copy_gbps, 2),
             "matmul_tflops": round(roofs.matmul_tflops, 3), "environment": avail.environment,
-            "timing": "triton.testing.do_bench median (L2 flushed)" if dev.type == "cuda" else "perf_counter"}
+            "timing": "torch.Event median, L2 flushed" if harness.on_gpu(dev) else "perf_counter"}
     return rows, meta
 
 

@@ -1,9 +1,10 @@
 """Shared benchmark plumbing: activate a backend, time a callable, measure the device's practical roofs (copy
 bandwidth, bf16 matmul rate), and write the results as a table, JSON and markdown named after the device.
 
-GPU timing uses triton.testing.do_bench (CUDA events; it flushes L2 between calls by zeroing a 256 MB buffer), as
-vLLM and SGLang do. On the CPU (the interpreter smoke mode) a plain perf_counter median is enough: the numbers are
-not meaningful there, only the machinery is checked.
+Accelerator timing is device-neutral (torch.Event and torch.accelerator, no vendor API): events around each call,
+the L2 flushed between calls by zeroing a 256 MB buffer, the median reported, as triton.testing.do_bench does for
+vLLM and SGLang. On the CPU (the interpreter smoke mode) a plain perf_counter median is enough: the numbers are not
+meaningful there, only the machinery is checked.
 """
 
 from __future__ import annotations
@@ -61,20 +62,49 @@ def activate(name: str, interpret: bool) -> tuple[Backend, Availability, Backend
 
 
 def on_gpu(device: torch.device) -> bool:
-    return device.type == "cuda"
+    """An accelerator (any vendor), as opposed to the CPU of the interpreter smoke mode."""
+    return device.type != "cpu"
 
 
 def sync(device: torch.device) -> None:
     if on_gpu(device):
-        torch.cuda.synchronize(device)
+        torch.accelerator.synchronize(device)
+
+
+def empty_cache(device: torch.device) -> None:
+    if on_gpu(device):
+        torch.accelerator.empty_cache()
+
+
+def _device_seconds(fn: Callable[[], object], device: torch.device, rep_ms: int) -> float:
+    flush = torch.empty(256 << 20, dtype=torch.int8, device=device)
+    fn()
+    sync(device)
+    start, end = torch.Event(device=device, enable_timing=True), torch.Event(device=device, enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    sync(device)
+    estimate_ms = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(rep_ms / 4 / estimate_ms))):  # warm-up
+        fn()
+    events = []
+    for _ in range(max(5, int(rep_ms / estimate_ms))):
+        flush.zero_()
+        s, e = torch.Event(device=device, enable_timing=True), torch.Event(device=device, enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        events.append((s, e))
+    sync(device)
+    return statistics.median(s.elapsed_time(e) for s, e in events) / 1e3
 
 
 def bench(fn: Callable[[], object], device: torch.device, rep_ms: int = 100, cpu_reps: int = 1) -> float:
     """Seconds per call of `fn` (median)."""
     if on_gpu(device):
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=max(rep_ms // 4, 5), rep=rep_ms, return_mode="median")) / 1e3
+        return _device_seconds(fn, device, rep_ms)
     fn()  # warm-up (the interpreter rewrites each kernel on first use)
     times = []
     for _ in range(cpu_reps):

@@ -48,10 +48,30 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if args.compare is not None:
         try:
             args.other = json.loads(args.compare.read_text())
-            args.other["checks"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserError(f"--compare: {args.compare} is not a conformance report.json ({e})") from None
+            ok = isinstance(args.other, dict) and isinstance(args.other.get("checks"), list) and all(
+                isinstance(args.other.get(k), dict) for k in ("environment", "summary"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"--compare: cannot read {args.compare} ({e})") from None
+        if not ok:
+            raise UserError(f"--compare: {args.compare} is not a conformance report.json "
+                            f"(needs environment, summary and checks)")
+    if args.seed is not None and not 0 <= args.seed < 2 ** 32:
+        raise UserError(f"--seed must be in [0, 2^32), got {args.seed}")
+    if args.report is not None:
+        writable_directory(args.report, "--report")
     return args
+
+
+def writable_directory(path: Path, option: str) -> None:
+    """Refuse, before any work, a path that is a file or a directory that cannot be created or written."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option}: {path} exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{option}: cannot create {path} ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"{option}: {path} is not writable")
 
 
 def run_suite(suite: Suite, levels: list[str], ops: list[str] | None = None, bisect: bool = True,
@@ -75,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("name")
         p.add_argument("--dir", type=Path, help="create it here instead of backends/ (then set DSV3_BACKENDS_PATH)")
         a = p.parse_args(argv[1:])
+        if a.dir is not None:
+            writable_directory(a.dir, "--dir")
         target = scaffold.create(a.name, a.dir)
         print(f"created {target}")
         if a.dir is not None:
@@ -91,13 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"conformance: {backend.name} on {avail.device} ({suite.mode_name}), cases '{case_set}', seed {seed}")
     start = time.perf_counter()
     results = run_suite(suite, args.levels, args.op_list, not args.no_bisect)
-    rep = report.build(results, suite, time.perf_counter() - start)
+    rep = report.build(results, suite, time.perf_counter() - start, " ".join(["python -m conformance", *argv]))
     comparison = report.compare(rep, args.other) if args.compare is not None else None
     if args.report is not None:
         report.write(rep, args.report, comparison)
     s = rep["summary"]
     print(f"{s['verdict']}: {s['passed']} passed, {s['failed']} failed, {s['skipped']} skipped of {s['checks']} "
-          f"checks in {rep['wall_seconds']} s" + (f"; failing: {', '.join(s['failed_ops'])}" if s["failed_ops"] else ""))
+          f"checks in {rep['wall_seconds']} s" + (f"; failing: {', '.join(s['failed_ops'] + s['failed_checks'])}"
+                                                  if s["failed"] else ""))
     if comparison:
         print("\n".join(comparison))
     if args.report is not None:

@@ -169,16 +169,20 @@ def check_moe(suite: Suite, dtype: torch.dtype) -> CheckResult:
     return _verdict(r, errors(got, golden), errors(ref, golden), tol)
 
 
+NEEDS = {"mla_block": ["rms_norm", "apply_rope", "linear", "attention_prefill", "mla_decode"],
+         "moe_block": ["linear", "silu_and_mul", "moe_experts"]}
+"""The operators each block runs (their common dtypes are the block's working dtypes)."""
+CHECKS = {"mla_block": check_mla, "moe_block": check_moe}
+
+
 def run(suite: Suite) -> list[CheckResult]:
     results = []
-    needs = {"mla_block": ["rms_norm", "apply_rope", "linear", "attention_prefill", "mla_decode"],
-             "moe_block": ["linear", "silu_and_mul", "moe_experts"]}
-    for name, check in (("mla_block", check_mla), ("moe_block", check_moe)):
-        missing = [op for op in needs[name] if op not in suite.backend.ops]
+    for name, check in CHECKS.items():
+        missing = [op for op in NEEDS[name] if op not in suite.backend.ops]
         if missing:
             results.append(CheckResult("block", f"block/{name}", name, FAIL,
                                        detail=f"needs {', '.join(missing)}, not implemented by {suite.backend.name}"))
             continue
-        for dtype in suite.working_dtypes(needs[name]):
+        for dtype in suite.working_dtypes(NEEDS[name]):
             results.append(check(suite, dtype))
     return results

@@ -47,6 +47,16 @@ def fixed_dtype(op: str, p: dict) -> torch.dtype | None:
     return None
 
 
+def strided(t: Tensor, enabled: bool) -> Tensor:
+    """A view of `t` inside a wider buffer whose extra last-dim columns are NaN (as the graph passes kv[:, :R] or
+    q[..., nope:]): a kernel that assumes contiguity, or reads outside the view, shows up."""
+    if not enabled or t.dim() == 0:
+        return t
+    wide = torch.full((*t.shape[:-1], t.shape[-1] + 8), float("nan"), dtype=t.dtype, device=t.device)
+    wide[..., 8:] = t
+    return wide[..., 8:]
+
+
 def build(op: str, p: dict, g: torch.Generator) -> CaseInputs:
     return BUILDERS[op](p, g)
 
@@ -57,16 +67,17 @@ def randn(g: torch.Generator, *shape: int, scale: float = 1.0) -> Tensor:
 
 def _norm(p, g):
     x, w = randn(g, p["tokens"], p["dim"], scale=p.get("scale", 1.0)), 1 + 0.1 * randn(g, p["dim"])
-    eps = p.get("eps", 1e-6)
-    return CaseInputs(lambda wd, rd, dev, h: (act(x, wd, rd, dev), act(w, wd, rd, dev), eps),
-                      f"x[{p['tokens']},{p['dim']}]")
+    eps, view = p.get("eps", 1e-6), p.get("strided", False)
+    return CaseInputs(lambda wd, rd, dev, h: (strided(act(x, wd, rd, dev), view), act(w, wd, rd, dev), eps),
+                      f"x[{p['tokens']},{p['dim']}]{' strided' if view else ''} eps={eps}")
 
 
 def _add_norm(p, g):
     s = p.get("scale", 1.0)
     x, r, w = randn(g, p["tokens"], p["dim"], scale=s), randn(g, p["tokens"], p["dim"], scale=s), 1 + 0.1 * randn(g, p["dim"])
-    return CaseInputs(lambda wd, rd, dev, h: (act(x, wd, rd, dev), act(r, wd, rd, dev), act(w, wd, rd, dev), 1e-6),
-                      f"x,residual[{p['tokens']},{p['dim']}]")
+    eps = p.get("eps", 1e-6)
+    return CaseInputs(lambda wd, rd, dev, h: (act(x, wd, rd, dev), act(r, wd, rd, dev), act(w, wd, rd, dev), eps),
+                      f"x,residual[{p['tokens']},{p['dim']}] eps={eps}")
 
 
 def _rope(p, g):
@@ -75,30 +86,31 @@ def _rope(p, g):
     pos = torch.randint(0, p.get("max_position", 4096), (t,), generator=g)
     rope = RopeConfig(**{**V3_ROPE.__dict__, "dim": dim})
     cos, sin = RotaryTable(rope, torch.device("cpu"), torch.float32)(pos)
-    return CaseInputs(lambda wd, rd, dev, h: (act(x, wd, rd, dev)[:, :, :],
+    view = p.get("strided", False)
+    return CaseInputs(lambda wd, rd, dev, h: (strided(act(x, wd, rd, dev), view),
                                               cos.to(rd if rd == F64 else torch.float32).to(dev),
                                               sin.to(rd if rd == F64 else torch.float32).to(dev)),
-                      f"x[{t},{heads},{dim}] cos,sin[{t},{dim // 2}]")
+                      f"x[{t},{heads},{dim}]{' strided' if view else ''} cos,sin[{t},{dim // 2}]")
 
 
 def _linear(p, g):
     t, n, k = p["tokens"], p["n"], p["k"]
     x = randn(g, t, k)
     w = randn(g, n, k, scale=1 / math.sqrt(k))
-    kind = p.get("weight", "fp8")
+    kind, view = p.get("weight", "fp8"), p.get("strided", False)
     if kind == "fp8":
         codes, scale = quantize_blocks(w.float())
 
         def make(wd, rd, dev, h):
-            return act(x, wd, rd, dev), h.prepare_linear(codes.to(dev), scale.to(dev))
+            return strided(act(x, wd, rd, dev), view), h.prepare_linear(codes.to(dev), scale.to(dev))
         shape = f"x[{t},{k}] W[{n},{k}] fp8 scale[{math.ceil(n / 128)},{math.ceil(k / 128)}]"
     else:
         wdt = {"same": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[kind]
 
         def make(wd, rd, dev, h):
-            return act(x, wd, rd, dev), h.prepare_linear(act(w, wdt or wd, rd, dev), None)
+            return strided(act(x, wd, rd, dev), view), h.prepare_linear(act(w, wdt or wd, rd, dev), None)
         shape = f"x[{t},{k}] W[{n},{k}] {kind}"
-    return CaseInputs(make, shape)
+    return CaseInputs(make, shape + (" x strided" if view else ""))
 
 
 def _silu(p, g):
@@ -112,11 +124,13 @@ def _prefill(p, g):
     q, k, v = randn(g, tq, heads, dqk), randn(g, tk, heads, dqk), randn(g, tk, heads, dv)
     cu_q = torch.tensor([0] + [sum(s[0] for s in seqs[:i + 1]) for i in range(len(seqs))], dtype=torch.int32)
     cu_k = torch.tensor([0] + [sum(s[1] for s in seqs[:i + 1]) for i in range(len(seqs))], dtype=torch.int32)
-    scale = p.get("scale", V3_SOFTMAX_SCALE)
+    scale, view = p.get("scale", V3_SOFTMAX_SCALE), p.get("strided", False)
 
     def make(wd, rd, dev, h):
-        return (act(q, wd, rd, dev), act(k, wd, rd, dev), act(v, wd, rd, dev), cu_q.to(dev), cu_k.to(dev), scale)
-    return CaseInputs(make, f"q[{tq},{heads},{dqk}] k[{tk},{heads},{dqk}] v[..,{dv}] seqs(q,k)={list(seqs)}")
+        return (act(q, wd, rd, dev), act(k, wd, rd, dev), strided(act(v, wd, rd, dev), view), cu_q.to(dev),
+                cu_k.to(dev), scale)
+    return CaseInputs(make, f"q[{tq},{heads},{dqk}] k[{tk},{heads},{dqk}] v[..,{dv}]{' strided' if view else ''} "
+                            f"seqs(q,k)={list(seqs)} scale={scale:.4g}")
 
 
 def _decode(p, g):
@@ -128,12 +142,13 @@ def _decode(p, g):
     for i in range(b):  # poison everything past lens: a kernel that reads it returns NaN
         cache[slots[i], int(lens[i]):] = float("nan")
     q_lat, q_pe = randn(g, b, s, heads, r, scale=0.1), randn(g, b, s, heads, pe)
-    scale = p.get("scale", V3_SOFTMAX_SCALE)
+    scale, view = p.get("scale", V3_SOFTMAX_SCALE), p.get("strided", False)
 
     def make(wd, rd, dev, h):
-        return (act(q_lat, wd, rd, dev), act(q_pe, wd, rd, dev), act(cache, wd, rd, dev), slots.to(dev),
-                lens.to(dev), scale)
-    return CaseInputs(make, f"q_lat[{b},{s},{heads},{r}] cache[{b + 2},{width},{r + pe}] lens={p['lens']}")
+        return (act(q_lat, wd, rd, dev), strided(act(q_pe, wd, rd, dev), view), act(cache, wd, rd, dev),
+                slots.to(dev), lens.to(dev), scale)
+    return CaseInputs(make, f"q_lat[{b},{s},{heads},{r}] q_pe{' strided' if view else ''} "
+                            f"cache[{b + 2},{width},{r + pe}] lens={p['lens']} scale={scale:.4g}")
 
 
 def _gate(p, g):

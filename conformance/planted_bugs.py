@@ -93,6 +93,15 @@ def decode_one_position_too_many(q_lat, q_pe, cache, slots, lens, scale):
     return _decode(q_lat, q_pe, cache, slots, lens + 1, scale)
 
 
+def decode_hard_coded_v3_scale(q_lat, q_pe, cache, slots, lens, scale):
+    """Ignores the scale it is given and uses DeepSeek-V3's 0.1352 (right for V3, wrong for any other model)."""
+    return _decode(q_lat, q_pe, cache, slots, lens, 0.1352337788608801)
+
+
+def add_rms_norm_fixed_eps(x, residual, weight, eps):
+    return cpu_ref.add_rms_norm(x, residual, weight, 1e-6)
+
+
 def rms_norm_fixed_eps(x, weight, eps):
     """A hard-coded epsilon of 1e-5 instead of the model's."""
     return cpu_ref.rms_norm(x, weight, 1e-5)
@@ -109,6 +118,8 @@ PLANTED = {
     "silu_on_up_half": ("silu_and_mul", silu_on_up_half),
     "decode_one_position_too_many": ("mla_decode", decode_one_position_too_many),
     "rms_norm_wrong_eps": ("rms_norm", rms_norm_fixed_eps),
+    "decode_hard_coded_v3_scale": ("mla_decode", decode_hard_coded_v3_scale),
+    "add_rms_norm_ignores_eps": ("add_rms_norm", add_rms_norm_fixed_eps),
 }
 """bug name -> (the operator it lives in, the buggy implementation)."""
 

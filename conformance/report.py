@@ -6,10 +6,10 @@ from __future__ import annotations
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import subprocess
-import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -40,10 +40,10 @@ def _commit() -> str:
     return "unknown (not a git checkout)"
 
 
-def environment(suite: Suite) -> dict:
+def environment(suite: Suite, command: str) -> dict:
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python -m conformance"] + sys.argv[1:]),
+        "command": command,
         "backend": suite.backend.name,
         "backend_origin": suite.backend.origin,
         "device": str(suite.device),
@@ -72,20 +72,27 @@ def summary(results: list[CheckResult]) -> dict:
     total = Counter(r.verdict for r in results)
     return {"passed": total[PASS], "failed": total[FAIL], "skipped": total[SKIP], "checks": len(results),
             "by_level": {k: dict(v) for k, v in by_level.items()},
-            "failed_ops": sorted({r.op for r in results if r.verdict == FAIL}),
+            "failed_ops": sorted({r.op for r in results if r.verdict == FAIL and r.level == "op"}),
+            "failed_checks": sorted({f"{r.level}/{r.op}" for r in results if r.verdict == FAIL and r.level != "op"}),
+            "culprits": sorted({c for r in results for c in r.culprits}),
             "verdict": "PASS" if not total[FAIL] else "FAIL"}
 
 
-def build(results: list[CheckResult], suite: Suite, seconds: float) -> dict:
-    return {"environment": environment(suite), "summary": summary(results), "wall_seconds": round(seconds, 2),
-            "dispatch": suite.dispatch.table(), "manifest": str(suite.manifest.path),
-            "checks": [r.to_dict() for r in results]}
+def _finite(row: dict) -> dict:
+    """JSON has no infinity: an infinite error (NaN or inf in the output) is written as the string "inf"."""
+    return {k: ("inf" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def build(results: list[CheckResult], suite: Suite, seconds: float, command: str = "") -> dict:
+    return {"environment": environment(suite, command), "summary": summary(results),
+            "wall_seconds": round(seconds, 2), "dispatch": suite.dispatch.table(), "manifest": str(suite.manifest.path),
+            "checks": [_finite(r.to_dict()) for r in results]}
 
 
 def _fmt(v) -> str:
     if v is None:
         return "-"
-    if isinstance(v, float):
+    if isinstance(v, float) and math.isfinite(v):
         return f"{v:.3g}"
     return str(v)
 
@@ -102,8 +109,9 @@ def markdown(report: dict, comparison: list[str] | None = None) -> str:
     if env["simulation"]:
         lines.append("\nRan against the **emulation of the vendor library** (no vendor hardware): this proves the "
                      "adapter's glue against the documented semantics, not the hardware kernels' numerics.")
-    if s["failed_ops"]:
-        lines.append(f"\nFailing: {', '.join(s['failed_ops'])}")
+    if s["failed_ops"] or s["failed_checks"]:
+        lines.append(f"\nFailing: {', '.join(s['failed_ops'] + s['failed_checks'])}"
+                     + (f"; the model-level failures are reproduced by {', '.join(s['culprits'])}" if s["culprits"] else ""))
     lines += ["", "## Environment", "", "| key | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in env.items()]
     lines += ["", "## Dispatch", "", "| operator | implementation |", "|---|---|"]
@@ -146,7 +154,8 @@ def compare(current: dict, other: dict) -> list[str]:
             rows.append(f"| {name} | {'-' if b is None else b['verdict']} | {'-' if a is None else a['verdict']} | only in one report |")
             continue
         moved = ""
-        if a["rel_err"] is not None and b["rel_err"] is not None and min(a["rel_err"], b["rel_err"]) > 0:
+        numbers = all(isinstance(c["rel_err"], (int, float)) for c in (a, b))
+        if numbers and min(a["rel_err"], b["rel_err"]) > 0:
             ratio = a["rel_err"] / b["rel_err"]
             if ratio > 2 or ratio < 0.5:
                 moved = f"error {_fmt(b['rel_err'])} -> {_fmt(a['rel_err'])}"

@@ -48,7 +48,7 @@ def pytest_generate_tests(metafunc):
     if "block_check" in metafunc.fixturenames:
         params = []
         if "block" in levels:
-            for name, needs in (("mla_block", ["linear", "mla_decode"]), ("moe_block", ["linear", "moe_experts"])):
+            for name, needs in block_checks.NEEDS.items():
                 for d in suite.working_dtypes(needs):
                     params.append(pytest.param((name, d), id=f"{name}/{_dname(d)}"))
         metafunc.parametrize("block_check", params)
@@ -76,9 +76,12 @@ def test_operator(request, op_check):
 
 
 def test_block(request, block_check):
+    suite = _suite(request.config)
     name, dtype = block_check
-    check = {"mla_block": block_checks.check_mla, "moe_block": block_checks.check_moe}[name]
-    _judge(check(_suite(request.config), dtype))
+    missing = [op for op in block_checks.NEEDS[name] if op not in suite.backend.ops]
+    if missing:
+        pytest.fail(f"{name} needs {missing}, not implemented by {suite.backend.name} (conformance forbids fallback)")
+    _judge(block_checks.CHECKS[name](suite, dtype))
 
 
 _levels: dict = {}

@@ -122,6 +122,11 @@ class Manifest:
             if name not in OPERATORS:
                 raise ContractError(f"{where}: operators.{name} is not an operator of the contract")
             entry = entry or {}
+            if not isinstance(entry, dict):
+                raise ContractError(f"{where}: operators.{name} must be a mapping like {{dtypes: [bfloat16]}}")
+            for key in ("dtypes", "weights"):
+                if not isinstance(entry.get(key, []), list):
+                    raise ContractError(f"{where}: operators.{name}.{key} must be a list")
             dtypes = tuple(entry.get("dtypes", ()))
             for d in dtypes + tuple(entry.get("weights", ())):
                 if d not in DTYPE_NAMES:

@@ -73,6 +73,8 @@ class DirectoryCheckpoint:
                 data = json.loads(index.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise CheckpointError(f"{index}: invalid JSON ({e})") from None
+            except OSError as e:
+                raise CheckpointError(f"{index}: cannot read ({e.strerror or e})") from None
             weight_map = data.get("weight_map") if isinstance(data, dict) else None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{index}: expected an object with a 'weight_map' of tensor name -> file")

@@ -106,6 +106,8 @@ class ModelConfig:
             raise CheckpointError(f"{path}: not found (a Hugging Face checkpoint directory needs config.json)")
         try:
             data = json.loads(path.read_text())
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
         except UnicodeDecodeError:
             raise CheckpointError(f"{path}: not UTF-8 text") from None
         except json.JSONDecodeError as e:
@@ -227,7 +229,7 @@ def _fp8_blocks(q: Any, source: str) -> bool:
     if method != "fp8":
         raise CheckpointError(f"{source}: quantization_config.quant_method {method!r} is not supported (only fp8)")
     block = q.get("weight_block_size", [128, 128])
-    if list(block) != [128, 128]:
+    if not isinstance(block, list) or block != [128, 128]:
         raise CheckpointError(f"{source}: quantization_config.weight_block_size {block} is not supported (only [128, 128])")
     if q.get("fmt", "e4m3") != "e4m3":
         raise CheckpointError(f"{source}: quantization_config.fmt {q.get('fmt')!r} is not supported (only e4m3)")

@@ -61,6 +61,7 @@ DEFAULT_CONFIG = {
 }
 
 SEED = 20241226  # DeepSeek-V3's release date
+RESIDUAL_SCALE = 0.2
 DESCRIPTION = "embedded default (DeepSeek-V3-shaped, 4 layers + MTP, hidden 256, 16 experts, FP8 blocks)"
 
 FP8_SUFFIXES = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
@@ -128,10 +129,16 @@ def float_state_dict(config: dict = DEFAULT_CONFIG, seed: int = SEED) -> dict[st
     if cfg.num_nextn_predict_layers:
         p = f"model.layers.{n}."
         t.update(layer_tensors(cfg, p, cfg.n_routed_experts > 0, rand))
+        # A predictive MTP module, so that speculative decoding accepts drafts: eh_proj carries the token embedding
+        # through (plus noise and a little of the hidden state), and its output norm is the main model's.
+        eh_proj = torch.cat([torch.eye(d), torch.zeros(d, d)], dim=1) + 0.1 * rand.linear(d, 2 * d)
         t.update({p + "enorm.weight": rand.norm(d), p + "hnorm.weight": rand.norm(d),
-                  p + "eh_proj.weight": rand.linear(d, 2 * d), p + "shared_head.norm.weight": rand.norm(d),
+                  p + "eh_proj.weight": eh_proj, p + "shared_head.norm.weight": t["model.norm.weight"].clone(),
                   p + "embed_tokens.weight": t["model.embed_tokens.weight"].clone(),
                   p + "shared_head.head.weight": t["lm_head.weight"].clone()})
+    for name in t:  # residual branches at 0.35: each token's embedding stays visible through the stack
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            t[name] = t[name] * RESIDUAL_SCALE
     return t
 
 

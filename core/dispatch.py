@@ -71,7 +71,8 @@ class Dispatch:
                 route = Route(op, backend.name, False, cls)
                 if isinstance(impl, Limited):
                     route.limit = manifest.limits.get(op, "") if manifest else "declared limits"
-                    impl = _limited(impl, reference.ops[op], route.limited_calls)
+                    impl = _limited(impl, reference.ops[op], route.limited_calls,
+                                    f"{backend.name}'s {op}" if strict else None)
             else:
                 impl = reference.ops[op]
                 route = Route(op, reference.name, True)
@@ -97,13 +98,17 @@ class Dispatch:
         return "\n".join(lines)
 
 
-def _limited(entry: Limited, reference: Callable, calls: Counter) -> Callable:
+def _limited(entry: Limited, reference: Callable, calls: Counter, strict_name: str | None) -> Callable:
+    """Run the backend's implementation within its declared limits, cpu_ref outside them (counted), or under
+    --strict refuse an input outside them."""
     impl, supports = entry.impl, entry.supports
 
     def run(*args, **kwargs):
         reason = supports(*args, **kwargs)
         if reason is None:
             return impl(*args, **kwargs)
+        if strict_name:
+            raise UserError(f"{strict_name} cannot take this input ({reason}); --strict forbids falling back to cpu_ref")
         calls[reason] += 1
         return reference(*args, **kwargs)
 

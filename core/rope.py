@@ -53,7 +53,9 @@ class RopeConfig:
             raise CheckpointError(f"{source}: partial_rotary_factor is not supported for MLA")
         if rope_type == "default":
             return RopeConfig("default", float(theta), dim)
-        original = params.get("original_max_position_embeddings", d.get("original_max_position_embeddings", max_positions))
+        # transformers gives a top-level original_max_position_embeddings priority over the one inside rope_scaling
+        original = d.get("original_max_position_embeddings", params.get("original_max_position_embeddings",
+                                                                        max_positions))
         factor = params.get("factor")
         if factor is None and rope_type == "yarn":
             factor = max_positions / original
@@ -63,6 +65,10 @@ class RopeConfig:
             return RopeConfig("linear", float(theta), dim, float(factor))
         if not isinstance(original, int) or original < 1:
             raise CheckpointError(f"{source}: original_max_position_embeddings must be a positive integer")
+        for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+            value = params.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise CheckpointError(f"{source}: rope {key} must be a number, got {value!r}")
         mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
         attention_factor = params.get("attention_factor")
         if attention_factor is None:  # transformers' rule

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -54,8 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--logits-out", type=Path, help="write float32 teacher-forced prompt logits [S, V] here")
     p.add_argument("--list-backends", action="store_true", help="list discovered backends and whether they run here")
     args = p.parse_args(argv)
-    if args.temperature < 0:
-        raise UserError(f"--temperature must be >= 0, got {args.temperature}")
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not 0 <= args.seed < 2 ** 63:
+        raise UserError(f"--seed must be in [0, 2^63), got {args.seed}")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise UserError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     if args.logits_out is not None and args.logits_out.suffix != ".safetensors":
@@ -88,7 +91,10 @@ def write_logits(path: Path, logits: torch.Tensor) -> None:
 
     if not path.parent.is_dir():
         raise UserError(f"--logits-out: directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    except OSError as e:
+        raise UserError(f"--logits-out: cannot write in {path.parent} ({e.strerror or e})") from None
     os.close(fd)
     try:
         save_file({"logits": logits.contiguous().cpu()}, tmp)

@@ -50,9 +50,12 @@ class HFTokenizer:
         cfg_file = directory / "tokenizer_config.json"
         if cfg_file.is_file():
             try:
-                add_bos = bool(json.loads(cfg_file.read_text()).get("add_bos_token", True))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{cfg_file}: invalid JSON ({e})") from None
+                data = json.loads(cfg_file.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise UserError(f"{cfg_file}: cannot read it as JSON ({e})") from None
+            if not isinstance(data, dict):
+                raise UserError(f"{cfg_file}: expected a JSON object")
+            add_bos = bool(data.get("add_bos_token", True))
         self.bos_id = bos_id if add_bos else None
 
     def encode(self, text: str) -> list[int]:

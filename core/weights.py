@@ -106,6 +106,10 @@ class WeightLoader:
         """(weight, scale_inv) as stored: FP8 codes with their block scales, or a float weight."""
         w = check_tensor(self.src, name, shape, FLOAT_DTYPES + FP8_DTYPES)
         if w.dtype not in FP8_DTYPES:
+            if self.src.has(name + "_scale_inv"):
+                raise CheckpointError(
+                    f"{self.src.where(name)}: tensor '{name}' is {str(w.dtype).replace('torch.', '')} but has a "
+                    f"'{name}_scale_inv': FP8 codes cast without their block scales? (dequantise, then drop the scales)")
             return w, None
         scale = check_tensor(self.src, name + "_scale_inv", scale_grid(*shape), (torch.float32,))
         return w, scale
@@ -220,6 +224,9 @@ class WeightLoader:
         n = c.num_hidden_layers
         if c.num_nextn_predict_layers < 1:
             return None
+        if c.num_nextn_predict_layers > 1:
+            self.notes.append(f"{self.src.description}: num_nextn_predict_layers is {c.num_nextn_predict_layers}; "
+                              f"speculative decoding uses the first MTP depth (layer {n}) only")
         p, d = f"model.layers.{n}.", c.hidden_size
         if not any(self.src.has(p + k) for k in ("enorm.weight", "hnorm.weight", "eh_proj.weight")):
             self.notes.append(f"{self.src.description}: no MTP weights (model.layers.{n}.*); --mtp is unavailable")

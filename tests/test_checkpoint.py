@@ -12,7 +12,6 @@ from safetensors.torch import load_file, save_file
 
 from core.default_model import (DEFAULT_CONFIG, checkpoint_tensors, float_state_dict, load_default,
                                 write_checkpoint)
-from core.fp8 import dequantize_blocks
 from core.generate import Generator
 from tests.helpers import load_ours, run_cli, run_main
 
@@ -39,8 +38,12 @@ def test_fp8_checkpoint_equals_its_dequantised_bf16_twin(fp8_dir, tmp_path):
     for name, t in tensors.items():
         if name.endswith("_scale_inv"):
             continue
-        if t.dtype == torch.float8_e4m3fn:
-            deq[name] = dequantize_blocks(t, tensors[name + "_scale_inv"], torch.float32)
+        if t.dtype == torch.float8_e4m3fn:  # element by element block, written independently of core.fp8
+            scale, out = tensors[name + "_scale_inv"], t.float()
+            for i in range(0, t.shape[0], 128):
+                for j in range(0, t.shape[1], 128):
+                    out[i:i + 128, j:j + 128] *= float(scale[i // 128, j // 128])
+            deq[name] = out
         else:
             deq[name] = t.float()
     config = {k: v for k, v in SMALL.items() if k != "quantization_config"}
@@ -128,6 +131,62 @@ def test_malformed_and_inconsistent_config(ckpt):
                            ({"qk_rope_head_dim": 31}, "qk_rope_head_dim")]:
         (ckpt / "config.json").write_text(json.dumps({**SMALL, **change}))
         refused(run_model(ckpt), "config.json", needle)
+
+
+def test_malformed_rope_and_quantisation_fields(ckpt):
+    for change, needle in [({"rope_scaling": {**SMALL["rope_scaling"], "beta_fast": "x"}}, "beta_fast"),
+                           ({"rope_scaling": {**SMALL["rope_scaling"], "mscale": "x"}}, "mscale"),
+                           ({"quantization_config": {"quant_method": "fp8", "weight_block_size": 128}},
+                            "weight_block_size")]:
+        (ckpt / "config.json").write_text(json.dumps({**SMALL, **change}))
+        refused(run_model(ckpt), "config.json", needle)
+
+
+def test_top_level_original_max_position_embeddings_wins_as_in_transformers(ckpt):
+    from core.config import ModelConfig
+
+    cfg = ModelConfig.from_dict({**SMALL, "original_max_position_embeddings": 1024})
+    assert cfg.rope.original_max_position_embeddings == 1024
+
+
+def test_unreadable_files_and_paths(ckpt, tmp_path, monkeypatch):
+    import pathlib
+
+    real = pathlib.Path.read_text
+
+    def deny(self, *a, **k):
+        if self.name == "config.json":
+            raise PermissionError(13, "Permission denied")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", deny)
+    refused(run_model(ckpt), "config.json", "cannot read")
+    monkeypatch.undo()
+    refused(run_model(ckpt / "model.safetensors"), "no such checkpoint directory")
+    refused(run_main("core.run", "--logits-out", str(tmp_path / "file.txt" / "x.safetensors")), "--logits-out")
+    refused(run_main("core.run", "--seed", str(2 ** 70)), "--seed")
+    refused(run_main("core.run", "--temperature", "nan"), "--temperature")
+
+
+def test_float_weight_that_kept_its_fp8_scales(ckpt):
+    path = ckpt / "model.safetensors"
+    t = load_file(str(path))
+    name = "model.layers.0.self_attn.kv_b_proj.weight"
+    t[name] = t[name].float()  # cast without applying the block scales: every weight would be wrong
+    save_file(t, str(path))
+    refused(run_model(ckpt), name, "_scale_inv")
+
+
+def test_malformed_tokenizer_config(ckpt):
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.WordLevel({"a": 3, "[UNK]": 4}, unk_token="[UNK]")).save(str(ckpt / "tokenizer.json"))
+    for content in ("[1]", b"\xff\xfe"):
+        target = ckpt / "tokenizer_config.json"
+        target.write_bytes(content.encode() if isinstance(content, str) else content)
+        refused(run_main("core.run", "--model", str(ckpt), "--prompt", "a", "--max-new-tokens", "1"),
+                "tokenizer_config.json")
 
 
 def test_config_that_disagrees_with_the_tensors(ckpt):

@@ -98,10 +98,18 @@ def test_out_of_tree_package_is_judged(tmp_path):
     assert env["backend"] == "vendory" and "entry point" in env["backend_origin"]
 
 
-def test_cli_refuses_bad_options():
-    for args, needle in ((["--backend", "cpu_ref", "--level", "op,chip"], "--level"),
+def test_cli_refuses_bad_options(tmp_path):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    not_a_report = tmp_path / "r.json"
+    not_a_report.write_text('{"checks": []}')
+    for args, needle in ((["--backend", "cpu_ref", "--report", str(a_file)], "not a directory"),
+                         (["--backend", "cpu_ref", "--compare", str(not_a_report)], "not a conformance report"),
+                         (["--backend", "cpu_ref", "--seed", str(2 ** 40)], "--seed"),
+                         (["new-backend", "zed", "--dir", str(a_file)], "not a directory"),
+                         (["--backend", "cpu_ref", "--level", "op,chip"], "--level"),
                          (["--backend", "cpu_ref", "--ops", "rms_norm,flash"], "--ops"),
                          (["--backend", "nonesuch"], "unknown backend"),
                          (["--backend", "cpu_ref", "--compare", "/nonexistent.json"], "--compare")):
         r = run_main("conformance", *args)
-        assert r.returncode == 2 and needle in r.stderr, r.stderr
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -20,7 +20,10 @@ def prepare_linear(weight: Tensor, scale_inv: Tensor | None) -> LinearWeight:
 
 
 def linear(x: Tensor, w: LinearWeight) -> Tensor:
-    """`x @ dequant(W).T` in float32 (float64 for float64 x), one rounding to x.dtype."""
+    """`x @ dequant(W).T` in float32 (float64 for float64 x), one rounding to x.dtype.
+
+    x [T, K] any float dtype (any strides); w: LinearWeight with weight [N, K] (FP8 + scale_inv, or float).
+    Returns [T, N] in x.dtype."""
     ct = compute_dtype(x.dtype)
     weight = dequantize_blocks(w.weight, w.scale_inv, ct)
     return (x.to(ct) @ weight.T).to(x.dtype)

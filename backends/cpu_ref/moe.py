@@ -15,8 +15,11 @@ from core.ops import ExpertWeights, compute_dtype
 
 def moe_gate(logits: Tensor, bias: Tensor | None, top_k: int, n_group: int, topk_group: int, scale: float,
              renorm: bool) -> tuple[Tensor, Tensor]:
-    """sigmoid scores; biased scores pick groups (sum of each group's top-2) and then experts; the unbiased scores
-    of the chosen experts, renormalised and scaled, are the weights."""
+    """noaux_tc routing. logits [T, E] float32 (float64 for golden), bias [E] or None.
+
+    sigmoid scores; biased scores pick groups (sum of each group's top-2) and then experts; the unbiased scores of the
+    chosen experts, renormalised (when `renorm`) and multiplied by `scale`, are the weights. Returns
+    (weights [T, top_k] float32 (float64 for float64 logits), ids [T, top_k] int64), sorted by biased score."""
     ct = compute_dtype(logits.dtype)
     tokens, n_experts = logits.shape
     scores = torch.sigmoid(logits.to(ct))
@@ -38,7 +41,8 @@ def moe_gate(logits: Tensor, bias: Tensor | None, top_k: int, n_group: int, topk
 
 def prepare_experts(gate: Tensor, gate_scale: Tensor | None, up: Tensor, up_scale: Tensor | None, down: Tensor,
                     down_scale: Tensor | None) -> ExpertWeights:
-    """Keep the stacked checkpoint tensors as they are."""
+    """Keep the stacked checkpoint tensors as they are: gate, up [E, I, D], down [E, D, I] (FP8 or float), scales
+    [E, ceil(rows/128), ceil(cols/128)] float32 or None. Returns core.ops.ExpertWeights."""
     return ExpertWeights(gate, up, down, gate_scale, up_scale, down_scale)
 
 

@@ -9,7 +9,10 @@ from core.ops import compute_dtype
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """`weight * x * rsqrt(mean(x**2) + eps)`: statistics and the weight multiply in float32, one rounding."""
+    """`weight * x * rsqrt(mean(x**2) + eps)` over the last dim.
+
+    x [..., D] any float dtype (any strides), weight [D]; returns [..., D] in x.dtype. Statistics and the weight
+    multiply in float32 (float64 for float64 x), one rounding at the end."""
     ct = compute_dtype(x.dtype)
     xf = x.to(ct)
     y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
@@ -17,7 +20,9 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def add_rms_norm(x: Tensor, residual: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """`h = x + residual` rounded to x.dtype, then `(rms_norm(h), h)`."""
+    """`h = x + residual` rounded once to x.dtype, then `(rms_norm(h, weight, eps), h)`.
+
+    x, residual [..., D] same dtype; weight [D]; returns (normed [..., D], h [..., D]) in x.dtype."""
     ct = compute_dtype(x.dtype)
     h = (x.to(ct) + residual.to(ct)).to(x.dtype)
     return rms_norm(h, weight, eps), h

@@ -123,11 +123,17 @@ class ModelLevel:
         only at a near-tie of the backend's own logits (a margin below `near_tie`)."""
         model = _model(ops, self.suite.device, self.dtype)
         proposed = accepted = ties = 0
-        for prompt in self.prompts:
-            plain = Generator(model).generate([prompt], MTP_NEW_TOKENS, stop_at_eos=False).output_ids[0]
-            spec = Generator(model).generate([prompt], MTP_NEW_TOKENS, mtp=True, stop_at_eos=False)
+        plains = [Generator(model).generate([p], MTP_NEW_TOKENS, stop_at_eos=False).output_ids[0]
+                  for p in self.prompts]
+        # one at a time, then all prompts in one batch (sequences then accept and reject in the same step)
+        singles = [Generator(model).generate([p], MTP_NEW_TOKENS, mtp=True, stop_at_eos=False) for p in self.prompts]
+        batched = Generator(model).generate(self.prompts, MTP_NEW_TOKENS, mtp=True, stop_at_eos=False)
+        for spec in singles + [batched]:
             proposed, accepted = proposed + spec.mtp_proposed, accepted + spec.mtp_accepted
-            got = spec.output_ids[0]
+        outputs = [(s.output_ids[0], i) for i, s in enumerate(singles)]
+        outputs += [(out, i) for i, out in enumerate(batched.output_ids)]
+        for got, index in outputs:
+            prompt, plain = self.prompts[index], plains[index]
             if got == plain:
                 continue
             i = next(j for j, (a, b) in enumerate(zip(got, plain)) if a != b)

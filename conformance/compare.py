@@ -42,3 +42,26 @@ def kl_divergence(golden_logits: Tensor, logits: Tensor) -> float:
     p = torch.log_softmax(golden_logits.double(), dim=-1)
     q = torch.log_softmax(logits.double().to(p.device), dim=-1)
     return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def routing_margins(logits: Tensor, bias: Tensor | None, top_k: int, n_group: int, topk_group: int) -> Tensor:
+    """[T] float64: per token, the smaller of (a) the gap between the last kept and the best dropped group score and
+    (b) the gap between the top_k-th and (top_k+1)-th biased expert score among the kept groups (inf where a gap
+    does not exist). Below ~1e-5, float32 rounding may legitimately pick another expert set."""
+    s = torch.sigmoid(logits.detach().cpu().double())
+    if bias is not None:
+        s = s + bias.detach().cpu().double()
+    t, e = s.shape
+    per = e // n_group
+    groups = s.view(t, n_group, per).topk(min(2, per), dim=-1).values.sum(-1)
+    margins = torch.full((t,), math.inf, dtype=torch.float64)
+    if topk_group < n_group:
+        top = groups.topk(topk_group + 1, dim=-1).values
+        margins = torch.minimum(margins, top[:, -2] - top[:, -1])
+    kept = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.topk(topk_group, dim=-1).indices, True)
+    masked = s.masked_fill(~kept.repeat_interleave(per, dim=1), -math.inf)
+    if top_k < e:
+        top = masked.topk(top_k + 1, dim=-1).values
+        gap = top[:, -2] - top[:, -1]
+        margins = torch.minimum(margins, torch.where(torch.isfinite(gap), gap, torch.full_like(gap, math.inf)))
+    return margins

@@ -4,7 +4,6 @@ contract beyond numerics: output shape, dtype and device; inputs not modified; t
 
 from __future__ import annotations
 
-import math
 import zlib
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 import yaml
 from torch import Tensor
 
-from conformance.compare import Errors, errors
+from conformance.compare import Errors, errors, routing_margins
 from conformance.context import FAIL, PASS, SKIP, CheckResult, Suite
 from conformance.inputs import build, fixed_dtype
 from core.backend import DTYPE_NAMES
@@ -83,20 +82,8 @@ def gate_errors(out, golden, logits: Tensor, bias: Tensor, top_k: int, n_group: 
     """(weight errors on rows whose expert sets agree, rows that differ with a real margin, near-tie rows)."""
     w, ids = out[0].cpu(), out[1].cpu()
     gw, gids = golden[0].cpu(), golden[1].cpu()
-    s = torch.sigmoid(logits.cpu().double()) + bias.cpu().double()
-    t, e = s.shape
-    per = e // n_group
-    groups = s.view(t, n_group, per).topk(min(2, per), dim=-1).values.sum(-1)
-    margins = torch.full((t,), math.inf, dtype=torch.float64)
-    if topk_group < n_group:
-        top = groups.topk(topk_group + 1, dim=-1).values
-        margins = torch.minimum(margins, top[:, -2] - top[:, -1])
-    kept = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.topk(topk_group, dim=-1).indices, True)
-    masked = s.masked_fill(~kept.repeat_interleave(per, dim=1), -math.inf)
-    if top_k < masked.shape[1]:
-        top = masked.topk(top_k + 1, dim=-1).values
-        gap = top[:, -2] - top[:, -1]
-        margins = torch.minimum(margins, torch.where(torch.isfinite(gap), gap, torch.full_like(gap, math.inf)))
+    margins = routing_margins(logits, bias, top_k, n_group, topk_group)
+    t = margins.shape[0]
     err, mismatched, near = Errors.zero(), [], []
     agree_rows = []
     for r in range(t):

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from conformance.compare import routing_margins
 from core import registry
 from core.dispatch import Dispatch
 from core.model import Model
@@ -144,19 +145,9 @@ class GateMargins:
         inner = ops.moe_gate
 
         def gate(logits, bias, top_k, n_group, topk_group, scale, renorm):
-            s = torch.sigmoid(logits.double()) + (bias.double() if bias is not None else 0)
-            per = s.shape[1] // n_group
-            groups = s.view(s.shape[0], n_group, per).topk(min(2, per), dim=-1).values.sum(-1)
-            if topk_group < n_group:
-                top = groups.topk(topk_group + 1, dim=-1).values
-                self.smallest = min(self.smallest, float((top[:, -2] - top[:, -1]).min()))
-            keep = groups.topk(topk_group, dim=-1).indices
-            mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep, True)
-            masked = s.masked_fill(~mask.repeat_interleave(per, dim=1), float("-inf"))
-            top = masked.topk(min(top_k + 1, s.shape[1]), dim=-1).values
-            if top.shape[1] > top_k:
-                gap = top[:, top_k - 1] - top[:, top_k]
-                self.smallest = min(self.smallest, float(gap[torch.isfinite(gap)].min()) if torch.isfinite(gap).any() else self.smallest)
+            if logits.shape[0]:
+                margins = routing_margins(logits, bias, top_k, n_group, topk_group)
+                self.smallest = min(self.smallest, float(margins.min()))
             return inner(logits, bias, top_k, n_group, topk_group, scale, renorm)
 
         ops.moe_gate = gate

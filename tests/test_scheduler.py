@@ -378,6 +378,8 @@ def test_a_request_larger_than_the_cache_is_refused_in_one_line():
         sched.add(Request("fits", [1], 1))
     with pytest.raises(UserError, match="empty"):
         Request("e", [], 1)
+    with pytest.raises(UserError, match="max_num_batched_tokens"):
+        Scheduler(BlockPool(4, 4), max_num_batched_tokens=7, max_num_seqs=4, num_spec_tokens=1)
 
 
 def test_finish_reasons_and_engine_stop():
@@ -416,6 +418,7 @@ def test_update_rejects_results_that_break_the_contract():
     plan = sched.schedule()
     with pytest.raises(ValueError, match="no sampled tokens"):
         sched.update(plan, {})
+    assert req.num_computed == 0 and not req.output_token_ids  # nothing half-applied
     plan = sched.schedule()
     with pytest.raises(ValueError, match="draft tokens"):
         sched.update(plan, {"r": StepResult([7], [1, 2])})
@@ -426,3 +429,33 @@ def test_update_rejects_results_that_break_the_contract():
         sched.update(plan, {"r": StepResult([8, 5], [1])})  # claims the draft 9 was accepted as 8
     with pytest.raises(RuntimeError):
         sched.update(plan, {})
+
+
+def test_a_request_that_cannot_grow_preempts_the_most_recent_arrival():
+    sched, runner = make(num_blocks=6, block_size=2, budget=16, max_seqs=4)
+    a, b, c = (Request(n, [n_ + 1, 7, 9], 4, ignore_eos=True) for n_, n in enumerate("abc"))
+    for r in (a, b, c):
+        sched.add(r)
+    for _ in range(2):  # prefill (2 blocks each: the cache is full), then one decode into the second blocks
+        plan = sched.schedule()
+        assert not plan.preempted
+        sched.update(plan, runner.execute(plan, 0))
+    assert sched.pool.num_free == 0
+    outputs = list(c.output_token_ids)
+    d = Request("d", [5, 5, 5], 4, ignore_eos=True)  # a newcomer waits: the cache is full
+    sched.add(d)
+    plan = sched.schedule()  # a and b each need a third block: c, the latest, gives its blocks back
+    assert plan.preempted == [c] and [s.request_id for s in plan.decodes] == ["a", "b"]
+    assert c.status is RequestStatus.PREEMPTED and c.num_computed == 0 and not c.block_table
+    assert c.output_token_ids == outputs and list(sched.waiting) == [c, d]  # c recomputes first
+    sched.update(plan, runner.execute(plan, 0))
+    started = []
+    while sched.has_unfinished:
+        plan = sched.schedule()
+        started += [s.request_id for s in plan.prefills if s.start == 0]
+        for u in sched.update(plan, runner.execute(plan, 0)):
+            if u.finished:
+                runner.release(u.request.request_id)
+    assert started == ["c", "d"]
+    for r in (a, b, c, d):
+        assert r.output_token_ids == run_alone(r.prompt_token_ids, 4, frozenset(), True)

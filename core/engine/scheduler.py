@@ -33,9 +33,9 @@ class ScheduledSeq:
     """One sequence's part of the step: `token_ids` go to cache positions `start .. start + len - 1`.
 
     `block_table` (a copy) covers every position 0 .. end-1; `slot_mapping[i]` is the flat cache slot
-    (`block * block_size + row`) that token i writes. For a decode, `token_ids[1:]` are the draft tokens to
-    verify. `samples` says the model must return sampled token(s)
-    for this sequence (always for decodes; for a prefill only on the chunk that reaches the last token)."""
+    (`block * block_size + row`) that token i writes. For a decode, `token_ids[1:]` are the draft tokens to verify.
+    `samples` says the model must return sampled token(s) for this sequence (always for a decode; for a prefill only
+    on the chunk that reaches the request's last token, whose logits give its next token)."""
 
     request: Request
     start: int
@@ -114,7 +114,7 @@ class Scheduler:
     """Continuous batching with chunked prefill and recompute preemption over a `BlockPool`.
 
     max_num_batched_tokens: tokens per forward pass (decodes + prefill chunks); must hold every decode's S tokens.
-    max_num_seqs: sequences per forward pass. num_spec_tokens: k MTP drafts per decode (0: plain decoding).
+    max_num_seqs: requests admitted (running) at once, so at most that many sequences per pass. num_spec_tokens: k MTP drafts per decode (0: plain decoding).
     """
 
     def __init__(self, pool: BlockPool, max_num_batched_tokens: int, max_num_seqs: int, num_spec_tokens: int = 0):
@@ -141,6 +141,18 @@ class Scheduler:
     @property
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def get(self, request_id: str) -> Request | None:
+        """The unfinished request with this id, or None."""
+        return self.requests.get(request_id)
 
     def add(self, request: Request) -> None:
         """Queue a new request (FCFS). Refuses, in one line, an id in use or a request that could never fit."""
@@ -240,6 +252,8 @@ class Scheduler:
         """Make room in the cache for `want` more positions of a running request (all of them, or with `partial`
         at least one, as many as fit), preempting the most recently arrived running requests while it does not fit.
         Returns the positions granted (0 if the request preempted itself)."""
+        if want <= 0:
+            return 0
         while True:
             have = len(request.block_table) * self.block_size - request.num_computed
             room = have + self.pool.num_free * self.block_size
@@ -296,26 +310,20 @@ class Scheduler:
         if plan is not self._in_flight:
             raise RuntimeError("update() must be given the plan of the last schedule()")
         self._in_flight = None
+        live = [seq for seq in plan.seqs if seq.request.status is RequestStatus.RUNNING]  # not aborted meanwhile
+        for seq in live:
+            if seq.samples:
+                self._check_result(seq, results.get(seq.request_id))
         updates: list[RequestUpdate] = []
-        for seq in plan.seqs:
+        for seq in live:
             request = seq.request
-            if request.status is not RequestStatus.RUNNING:
-                continue  # aborted or finished from outside while in flight
             if not seq.samples:
                 request.num_computed = seq.end
                 continue
-            result = results.get(seq.request_id)
-            if result is None:
-                raise ValueError(f"no sampled tokens for request {seq.request_id!r}, which the plan asked to sample")
+            result = results[seq.request_id]
             emitted, drafts = list(result.token_ids), list(result.draft_token_ids)
-            if len(drafts) not in (0, self.num_spec_tokens):
-                raise ValueError(f"request {seq.request_id!r}: {len(drafts)} draft tokens returned; the scheduler "
-                                 f"runs with num_spec_tokens = {self.num_spec_tokens}")
             proposed = seq.token_ids[1:] if seq.decode else []
             accepted = len(emitted) - 1
-            if not 0 <= accepted <= len(proposed) or emitted[:accepted] != proposed[:accepted]:
-                raise ValueError(f"request {seq.request_id!r}: emitted tokens {emitted} do not follow the drafts "
-                                 f"{proposed} of its verify step")
             request.num_drafts_proposed += len(proposed)
             request.num_drafts_accepted += accepted
             # A prefill chunk caches all its tokens; a verify step keeps the pending token and the accepted drafts.
@@ -332,3 +340,17 @@ class Scheduler:
                 request.block_table = request.block_table[:keep]
             updates.append(RequestUpdate(request, kept, False))
         return updates
+
+    def _check_result(self, seq: ScheduledSeq, result: StepResult | None) -> None:
+        """Refuse, before anything changes, a result that breaks the runner's side of the contract (a bug)."""
+        rid = seq.request_id
+        if result is None:
+            raise ValueError(f"no sampled tokens for request {rid!r}, which the plan asked to sample")
+        if len(result.draft_token_ids) not in (0, self.num_spec_tokens):
+            raise ValueError(f"request {rid!r}: {len(result.draft_token_ids)} draft tokens returned; the scheduler "
+                             f"runs with num_spec_tokens = {self.num_spec_tokens}")
+        emitted, proposed = list(result.token_ids), (seq.token_ids[1:] if seq.decode else [])
+        accepted = len(emitted) - 1
+        if not 0 <= accepted <= len(proposed) or emitted[:accepted] != proposed[:accepted]:
+            raise ValueError(f"request {rid!r}: emitted tokens {emitted} do not follow the drafts {proposed} of its "
+                             f"verify step")

@@ -459,3 +459,11 @@ def test_a_request_that_cannot_grow_preempts_the_most_recent_arrival():
     assert started == ["c", "d"]
     for r in (a, b, c, d):
         assert r.output_token_ids == run_alone(r.prompt_token_ids, 4, frozenset(), True)
+
+
+@given(st.lists(st.integers(0, 9), min_size=1, max_size=6), st.lists(st.integers(0, 9), max_size=6),
+       st.integers(0, 12), st.integers(0, 12))
+def test_token_slice_is_a_slice_of_prompt_plus_outputs(prompt, outputs, start, end):
+    r = Request("s", prompt, 10)
+    r.output_token_ids = list(outputs)
+    assert r.token_slice(start, end) == (prompt + outputs)[start:end]

@@ -295,9 +295,9 @@ class Scheduler:
     def _seq(self, request: Request, n: int) -> ScheduledSeq:
         start, decode = request.num_computed, self._is_decode(request)
         if decode:
-            tokens = [request.all_token_ids[start]] + list(request.draft_token_ids)
+            tokens = request.token_slice(start, start + 1) + list(request.draft_token_ids)
         else:
-            tokens = request.all_token_ids[start:start + n]
+            tokens = request.token_slice(start, start + n)
         bs, table = self.block_size, list(request.block_table)
         slots = [table[p // bs] * bs + p % bs for p in range(start, start + n)]
         return ScheduledSeq(request, start, tokens, table, slots, decode or start + n == request.num_tokens, decode)

@@ -29,6 +29,11 @@ VOCAB = TOK.vocab_size
 PARTIAL = [i for i in range(VOCAB) if REPLACEMENT in TOK.decode([i]) and i not in TOK.special_token_ids]
 
 
+def split_character() -> list[int]:
+    """The ids of a character that the tokenizer splits over several tokens."""
+    return next(ids for ch in "🎉你界好" if len(ids := TOK.encode(ch, add_special_tokens=False)) > 1)
+
+
 def stream(ids, prompt_ids=()):
     detok = IncrementalDetokenizer(TOK, prompt_ids)
     deltas = [detok.step(i) for i in ids]
@@ -74,7 +79,7 @@ def test_a_character_in_pieces_is_held_then_emitted_whole():
 
 
 def test_an_incomplete_character_at_the_end_comes_out_on_finish():
-    ids = next(TOK.encode(ch, add_special_tokens=False) for ch in "🎉你界" if len(TOK.encode(ch, add_special_tokens=False)) > 1)
+    ids = split_character()
     deltas, tail = stream([TOK.encode("ok", add_special_tokens=False)[0], *ids[:-1]])
     assert REPLACEMENT not in "".join(deltas) and tail.endswith(REPLACEMENT)
 
@@ -191,7 +196,7 @@ def test_eos_stop_token_ids_and_ignore_eos():
     out, done = feed_all(s, body)
     assert done and s.reason == "stop_token" and out == TOK.decode(body[:2])
     # a held stop-string prefix and an incomplete character both come out when a token ends the sequence
-    partial = next(TOK.encode(c, add_special_tokens=False) for c in "🎉你界" if len(TOK.encode(c, add_special_tokens=False)) > 1)
+    partial = split_character()
     s = TextStream(TOK, [], stop_conditions(stop=["ok!"], eos_token_ids=[eos]))
     out, done = feed_all(s, [*TOK.encode("ok", add_special_tokens=False), *partial[:-1], eos])
     assert done and s.reason == "eos" and out.startswith("ok") and out.endswith(REPLACEMENT)

@@ -5,8 +5,9 @@ stop string split over several tokens (or sharing a token with other text) is fo
 see part of a stop string: the longest tail of the text that could still begin a stop string is held back until
 the next delta shows whether it does. On a match, the text up to the stop string is released (with it, if
 `include_stop`) and the matcher is done. Of several stop strings, the one that completes first in the text wins
-(the longer of two ending together), so the result does not depend on how the text was cut into deltas. `StopConditions` holds a request's settings, `token_stop_reason` the
-token-level ones (EOS unless `ignore_eos`, stop token ids); `core.engine.text_stream` puts them together.
+(the longer of two ending together), so the result does not depend on how the text was cut into deltas.
+`StopConditions` holds a request's settings, `token_stop_reason` the token-level ones (EOS unless `ignore_eos`, stop
+token ids); `core.engine.text_stream` puts them together.
 """
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def reference_row(logits: torch.Tensor, p: SamplingParams, prompt: list[int], ou
     if p.min_p > 0:
         pr = probs_of(keep)
         top = max(pr.values())
-        margin = min(margin, min(abs(v / top - p.min_p) / p.min_p for v in pr.values()))
+        margin = min([margin] + [abs(v / top - p.min_p) / p.min_p for v in pr.values() if v < top])
         keep = [i for i in keep if pr[i] >= p.min_p * top]
     pr = probs_of(keep)
     out = [math.log(pr[i]) if i in pr else NEG for i in range(vocab)]
@@ -107,6 +107,7 @@ CASES = {
     "top_p 0.9 at T 0.6": dict(top_p=0.9, temperature=0.6),
     "min_p 0.1": dict(min_p=0.1),
     "min_p 0.02 at T 2": dict(min_p=0.02, temperature=2.0),
+    "min_p 1 (the most likely only)": dict(min_p=1.0),
     "repetition 1.5": dict(repetition_penalty=1.5),
     "repetition 0.7": dict(repetition_penalty=0.7),
     "frequency 0.8": dict(frequency_penalty=0.8),
@@ -201,10 +202,11 @@ def test_a_tiny_temperature_is_greedy(temperature):
 
 def test_the_smallest_sampled_temperature_gives_a_finite_distribution():
     g = torch.Generator().manual_seed(fresh_seed())
-    logits = torch.randn(4, 100, generator=g) * torch.tensor([1, 1e-3, 1e10, 1e30])[:, None]
-    lp = process_logits(logits, [SamplingParams(temperature=GREEDY_BELOW)] * 4, [[]] * 4, [[]] * 4)
+    scales = torch.tensor([1, 1e-3, 1e10, 1e30, 1e38])[:, None]  # the last overflows unless the max comes off first
+    logits = torch.randn(5, 100, generator=g).clamp(-3, 3) * scales
+    lp = process_logits(logits, [SamplingParams(temperature=GREEDY_BELOW)] * 5, [[]] * 5, [[]] * 5)
     assert not torch.isnan(lp).any()
-    torch.testing.assert_close(lp.double().exp().sum(-1), torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(lp.double().exp().sum(-1), torch.ones(5, dtype=torch.float64), rtol=0, atol=1e-5)
     assert torch.equal(lp.argmax(-1), logits.argmax(-1))
 
 
@@ -239,7 +241,9 @@ def test_min_tokens_bans_stop_ids_until_enough_tokens_are_out():
     logits = torch.zeros(1, 8)
     logits[0, 1] = logits[0, 3] = 10.0
     assert torch.isinf(process(logits, [r])[0, [1, 3]]).all()
-    assert r.append(1) is None and r.append(6) is None  # a stop id before min_tokens does not end the request
+    assert r.append(1) is None  # a stop id before min_tokens does not end the request
+    assert torch.isinf(process(logits, [r])[0, [1, 3]]).all()  # one token out: still banned
+    assert r.append(6) is None
     assert torch.isfinite(process(logits, [r])[0, [1, 3]]).all()
     assert r.append(3) == "stop"
     r2 = RequestSampler(SamplingParams(max_tokens=2, eos_token_ids=(1,), ignore_eos=True), [5], 8)

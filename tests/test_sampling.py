@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.engine import sampling
 from core.engine.generation_config import read_json_object
 from core.engine.sampling import (GREEDY_BELOW, InvalidLogits, RequestSampler, SamplingParams, accept,
                                   invalid_rows, process, process_logits, sample, token_logprobs)
@@ -55,13 +56,13 @@ def reference_row(logits: torch.Tensor, p: SamplingParams, prompt: list[int], ou
         return {i: v / s for i, v in w.items()}
 
     if p.top_p < 1:
-        pr, before, kept = probs_of(keep), 0.0, []
+        pr, before, last = probs_of(keep), 0.0, None
         for i in keep:
             margin = min(margin, abs(before - p.top_p))
             if before < p.top_p:
-                kept.append(i)
+                last = i
             before += pr[i]
-        keep = kept
+        keep = [i for i in keep if x[i] >= x[last]]  # every token tied with the last one kept stays
     if p.min_p > 0:
         pr = probs_of(keep)
         top = max(pr.values())
@@ -102,8 +103,10 @@ CASES = {
     "temperature 1.7": dict(temperature=1.7),
     "top_k 1": dict(top_k=1),
     "top_k 5": dict(top_k=5, temperature=0.8),
+    "top_k 20 (beyond a top-8 prefix)": dict(top_k=20),
     "top_k -1 (off)": dict(top_k=-1),
     "top_p 0.3": dict(top_p=0.3),
+    "top_p 0.98 (beyond a top-8 prefix)": dict(top_p=0.98, temperature=1.5),
     "top_p 0.9 at T 0.6": dict(top_p=0.9, temperature=0.6),
     "min_p 0.1": dict(min_p=0.1),
     "min_p 0.02 at T 2": dict(min_p=0.02, temperature=2.0),
@@ -121,8 +124,16 @@ CASES = {
 }
 
 
+@pytest.fixture(params=["full sort", "top-8 prefix"])
+def prefix(request, monkeypatch):
+    """top_k / top_p judged on a full sort, or on the 8 largest values first (the path a real vocabulary takes)."""
+    if request.param == "top-8 prefix":
+        monkeypatch.setattr(sampling, "TOP_PREFIX", 8)
+    return request.param
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_each_processor_matches_the_reference(case):
+def test_each_processor_matches_the_reference(case, prefix):
     g = torch.Generator().manual_seed(fresh_seed())
     params = [SamplingParams(**CASES[case]).validate()] * 4
     logits, hist, want = draw_case(g, params)
@@ -130,7 +141,7 @@ def test_each_processor_matches_the_reference(case):
     assert_matches_reference(got, want)
 
 
-def test_a_batch_of_rows_with_different_params_matches_the_reference_row_by_row():
+def test_a_batch_of_rows_with_different_params_matches_the_reference_row_by_row(prefix):
     g = torch.Generator().manual_seed(fresh_seed())
     names = list(CASES)
     params = [SamplingParams(**CASES[names[int(i)]]) for i in torch.randint(0, len(names), (16,), generator=g)]
@@ -208,6 +219,16 @@ def test_the_smallest_sampled_temperature_gives_a_finite_distribution():
     assert not torch.isnan(lp).any()
     torch.testing.assert_close(lp.double().exp().sum(-1), torch.ones(5, dtype=torch.float64), rtol=0, atol=1e-5)
     assert torch.equal(lp.argmax(-1), logits.argmax(-1))
+
+
+def test_top_k_and_top_p_keep_every_token_tied_with_the_last_one_kept():
+    """Thresholds on the value: the kept set does not depend on where tied tokens sit in the vocabulary."""
+    base = torch.tensor([4.0, 2.0, 2.0, 2.0, 0.0, -1.0])  # probs ~ .70 .095 .095 .095 .013 .005
+    for params, kept in ((SamplingParams(top_k=2), {0, 1, 2, 3}), (SamplingParams(top_p=0.8), {0, 1, 2, 3}),
+                         (SamplingParams(top_p=0.6), {0})):
+        for perm in (torch.arange(6), torch.tensor([3, 5, 0, 2, 4, 1])):
+            lp = process_logits(base[perm][None], [params], [[]], [[]])[0]
+            assert {int(perm[i]) for i in torch.isfinite(lp).nonzero().flatten()} == kept, params
 
 
 def test_greedy_ties_take_the_first_index():
@@ -293,8 +314,12 @@ def test_speculative_acceptance_reproduces_the_target_exactly():
     g = torch.Generator().manual_seed(fresh_seed())
     vocab, n_rows, n_steps = 12, 500, 40
     pp, qp = SamplingParams(temperature=0.9, top_p=0.8), SamplingParams(temperature=1.3, top_k=5)
-    p = process_logits(torch.randn(1, vocab, generator=g) * 2, [pp], [[]], [[]])[0]
-    q = process_logits(torch.randn(1, vocab, generator=g) * 2, [qp], [[]], [[]])[0]
+    while True:  # supports that overlap only in part, p's of at least 3 tokens
+        p = process_logits(torch.randn(1, vocab, generator=g) * 1.5, [pp], [[]], [[]])[0]
+        q = process_logits(torch.randn(1, vocab, generator=g) * 1.5, [qp], [[]], [[]])[0]
+        sp, sq = torch.isfinite(p), torch.isfinite(q)
+        if sp.sum() >= 3 and (sp & ~sq).any() and (sq & ~sp).any():
+            break
     rows = [RequestSampler(pp, [], vocab) for _ in range(n_rows)]
     counts, accepted = torch.zeros(vocab, dtype=torch.float64), 0
     for _ in range(n_steps):

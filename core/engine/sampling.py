@@ -47,6 +47,7 @@ from core.engine.generation_config import _short, sampling_defaults
 from core.errors import CheckpointError, UserError
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy
+TOP_PREFIX = 1024  # top_k / top_p look at this many largest values first (a full sort of V only when they do not do)
 MAX_LOGPROBS = 20  # the most top logprobs a request may ask for (OpenAI's limit)
 _INT64_MIN, _UINT64_MAX = -(2 ** 63), 2 ** 64 - 1  # the seeds torch.Generator.manual_seed takes
 
@@ -261,9 +262,9 @@ def _id_counts(ids: Sequence[int], vocab: int, device) -> Tensor:
 # -- processing -----------------------------------------------------------------------------------------------------
 
 def invalid_rows(logits: Tensor) -> list[int]:
-    """Rows of `logits` [B, V] that cannot be sampled from: any NaN or +inf, or no finite value."""
-    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1)
-    return bad.nonzero().flatten().tolist()
+    """Rows of `logits` [B, V] that cannot be sampled from: any NaN or +inf, or no finite value (one pass: the row
+    maximum is NaN, +inf or -inf exactly then, since torch's max propagates NaN)."""
+    return (~torch.isfinite(logits.amax(dim=-1))).nonzero().flatten().tolist()
 
 
 def _raise_invalid(logits: Tensor, rows: list[int], when: str) -> None:
@@ -335,25 +336,58 @@ def _process(logits: Tensor, params: Sequence[SamplingParams], num_outputs: Sequ
 def _truncated_logprobs(x: Tensor, params: Sequence[SamplingParams]) -> Tensor:
     """Temperature -> top_k -> top_p -> min_p -> log_softmax for sampled rows; x [n, V] float32, finite maxima."""
     dev, vocab = x.device, x.shape[1]
-    x = (x - x.max(dim=-1, keepdim=True).values) / _col([p.temperature for p in params], dev)  # max is now 0
-
+    x = (x - x.amax(dim=-1, keepdim=True)) / _col([p.temperature for p in params], dev)  # the max is now 0
     trunc = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1]
     if trunc:
         t = torch.tensor(trunc, device=dev)
-        vals, idx = x[t].sort(dim=-1, descending=True, stable=True)
-        k = torch.tensor([params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in trunc], device=dev)
-        kth = vals.gather(1, (k - 1)[:, None])
-        vals = vals.masked_fill(vals < kth, -math.inf)
-        top_p = _col([params[i].top_p for i in trunc], dev)
-        probs = torch.softmax(vals, dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely tokens
-        vals = vals.masked_fill((before >= top_p) & (top_p < 1), -math.inf)
-        x[t] = torch.full_like(vals, -math.inf).scatter(1, idx, vals)
-
+        x[t] = x[t].masked_fill(x[t] < _keep_threshold(x[t], [params[i] for i in trunc]), -math.inf)
     if any(p.min_p > 0 for p in params):
         floor = _col([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params], dev)
         x = x.masked_fill(x < floor, -math.inf)
     return torch.log_softmax(x, dim=-1)
+
+
+def _keep_threshold(x: Tensor, params: Sequence[SamplingParams]) -> Tensor:
+    """[n, 1]: the smallest value top_k and top_p keep in each row of x [n, V] (temperature applied).
+
+    Both are thresholds on the value, so tokens tied with the last kept one are kept too, whatever their order
+    (top_k as transformers and vLLM; top_p the same way, which differs from an index-ordered cut only at exact
+    ties). Rows are judged on their TOP_PREFIX largest values (torch.topk, not a full sort of V) whenever those
+    hold top_k and reach top_p's mass; the others get a full sort. The result is the same either way."""
+    dev, vocab = x.device, x.shape[1]
+    ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
+    top_p = _col([p.top_p for p in params], dev)
+    out = torch.empty(len(params), 1, device=dev)
+    short = min(TOP_PREFIX, vocab)
+    rows = torch.arange(len(params), device=dev)
+    if short < vocab:
+        fits = [i for i, p in enumerate(params) if 0 < p.top_k <= short or p.top_k >= vocab or p.top_k <= 0]
+        rows = torch.tensor(fits, device=dev, dtype=torch.long)
+        if fits:
+            thr, covered = _threshold_on(x[rows], x[rows].topk(short, dim=-1).values, ks[rows], top_p[rows])
+            out[rows] = thr
+            rows = rows[~covered]
+        rest = sorted(set(range(len(params))) - set(fits))
+        rows = torch.cat([rows, torch.tensor(rest, device=dev, dtype=torch.long)])
+    if len(rows):
+        vals = x[rows].sort(dim=-1, descending=True).values
+        out[rows] = _threshold_on(x[rows], vals, ks[rows], top_p[rows])[0]
+    return out
+
+
+def _threshold_on(x: Tensor, vals: Tensor, ks: Tensor, top_p: Tensor) -> tuple[Tensor, Tensor]:
+    """(threshold [n, 1], covered bool [n]) from the largest values `vals` [n, K] (descending) of rows x [n, V]:
+    covered says the K values settle the row (its top_k is within K, and their mass reaches top_p)."""
+    big = vals.shape[1]
+    kth = torch.where(ks[:, None] <= big, vals.gather(1, (ks.clamp(max=big) - 1)[:, None]), -math.inf)
+    kept = x.masked_fill(x < kth, -math.inf)
+    log_total = torch.logsumexp(kept, dim=-1, keepdim=True)  # normaliser of the top_k distribution
+    probs = torch.exp(vals.masked_fill(vals < kth, -math.inf) - log_total)
+    cum = torch.cumsum(probs, dim=-1)
+    n_keep = ((cum - probs) < top_p).sum(-1, keepdim=True)  # tokens whose more likely ones have < top_p mass
+    thr = torch.where(top_p < 1, torch.maximum(vals.gather(1, n_keep - 1), kth), kth)
+    covered = (ks <= big) & ((top_p[:, 0] >= 1) | (cum[:, -1] >= top_p[:, 0]))
+    return thr, covered
 
 
 def process_logits(logits: Tensor, params: Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]],
@@ -391,10 +425,14 @@ def process(logits: Tensor, rows: Sequence[RequestSampler], extra: Sequence[Sequ
 
 def _race(logprobs: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
     """Exponential race, argmax(p / E) with E ~ Exp(1) iid: an exact categorical draw per row of logprobs [n, V].
-    Row i's noise comes from generators[i] alone (drawn on the CPU, then moved to the logits' device)."""
-    vocab = logprobs.shape[1]
-    noise = torch.stack([torch.empty(vocab).exponential_(generator=g) for g in generators])
-    noise = noise.to(logprobs.device).clamp_min(torch.finfo(torch.float32).tiny)  # a 0 draw would make -inf + inf
+
+    Row i draws one E per token of its support (its finite logprobs, in token order) from generators[i] alone, on
+    the CPU; the draws are then moved to the logits' device. Tokens outside the support cannot win."""
+    support = torch.isfinite(logprobs)
+    sizes = support.sum(-1).tolist()
+    draws = torch.cat([torch.empty(n).exponential_(generator=g) for n, g in zip(sizes, generators)])
+    noise = torch.full(logprobs.shape, math.inf, device=logprobs.device)
+    noise[support] = draws.to(logprobs.device).clamp_min(torch.finfo(torch.float32).tiny)  # 0 would win anyway
     return (logprobs - noise.log()).argmax(dim=-1)
 
 

@@ -386,7 +386,8 @@ def _threshold_on(x: Tensor, vals: Tensor, ks: Tensor, top_p: Tensor) -> tuple[T
     cum = torch.cumsum(probs, dim=-1)
     n_keep = ((cum - probs) < top_p).sum(-1, keepdim=True)  # tokens whose more likely ones have < top_p mass
     thr = torch.where(top_p < 1, torch.maximum(vals.gather(1, n_keep - 1), kth), kth)
-    covered = (ks <= big) & ((top_p[:, 0] >= 1) | (cum[:, -1] >= top_p[:, 0]))
+    top_k_within = (ks <= big) | (ks >= x.shape[1])  # the k-th value is among vals, or there is no top_k
+    covered = top_k_within & ((top_p[:, 0] >= 1) | (cum[:, -1] >= top_p[:, 0]))
     return thr, covered
 
 

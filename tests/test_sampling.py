@@ -231,6 +231,15 @@ def test_top_k_and_top_p_keep_every_token_tied_with_the_last_one_kept():
             assert {int(perm[i]) for i in torch.isfinite(lp).nonzero().flatten()} == kept, params
 
 
+@pytest.mark.parametrize("top_p", [1 - 1e-9, 1 - 6e-8, 1 - 2e-7])
+def test_top_p_just_below_one_never_undoes_top_k(prefix, top_p):
+    """The top_k tokens' mass, summed in float32, may fall short of a top_p this close to 1: the cut still holds."""
+    g = torch.Generator().manual_seed(fresh_seed())
+    lp = process_logits(torch.randn(64, 64, generator=g), [SamplingParams(top_k=3, top_p=top_p)] * 64,
+                        [[]] * 64, [[]] * 64)
+    assert (torch.isfinite(lp).sum(-1) == 3).all()
+
+
 def test_greedy_ties_take_the_first_index():
     logits = torch.tensor([[0.5, 2.0, 2.0, 1.0], [3.0, 3.0, 3.0, 3.0]])
     lp = process_logits(logits, [SamplingParams(temperature=0.0)] * 2, [[]] * 2, [[]] * 2)

@@ -338,9 +338,12 @@ def _truncated_logprobs(x: Tensor, params: Sequence[SamplingParams]) -> Tensor:
     dev, vocab = x.device, x.shape[1]
     x = (x - x.amax(dim=-1, keepdim=True)) / _col([p.temperature for p in params], dev)  # the max is now 0
     trunc = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1]
-    if trunc:
+    if len(trunc) == len(params):
+        x = x.masked_fill(x < _keep_threshold(x, params), -math.inf)
+    elif trunc:
         t = torch.tensor(trunc, device=dev)
-        x[t] = x[t].masked_fill(x[t] < _keep_threshold(x[t], [params[i] for i in trunc]), -math.inf)
+        xt = x[t]
+        x[t] = xt.masked_fill(xt < _keep_threshold(xt, [params[i] for i in trunc]), -math.inf)
     if any(p.min_p > 0 for p in params):
         floor = _col([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params], dev)
         x = x.masked_fill(x < floor, -math.inf)
@@ -364,14 +367,15 @@ def _keep_threshold(x: Tensor, params: Sequence[SamplingParams]) -> Tensor:
         fits = [i for i, p in enumerate(params) if 0 < p.top_k <= short or p.top_k >= vocab or p.top_k <= 0]
         rows = torch.tensor(fits, device=dev, dtype=torch.long)
         if fits:
-            thr, covered = _threshold_on(x[rows], x[rows].topk(short, dim=-1).values, ks[rows], top_p[rows])
+            xf = x if len(fits) == len(params) else x[rows]
+            thr, covered = _threshold_on(xf, xf.topk(short, dim=-1).values, ks[rows], top_p[rows])
             out[rows] = thr
             rows = rows[~covered]
         rest = sorted(set(range(len(params))) - set(fits))
         rows = torch.cat([rows, torch.tensor(rest, device=dev, dtype=torch.long)])
     if len(rows):
-        vals = x[rows].sort(dim=-1, descending=True).values
-        out[rows] = _threshold_on(x[rows], vals, ks[rows], top_p[rows])[0]
+        xs = x[rows]
+        out[rows] = _threshold_on(xs, xs.sort(dim=-1, descending=True).values, ks[rows], top_p[rows])[0]
     return out
 
 
@@ -380,7 +384,7 @@ def _threshold_on(x: Tensor, vals: Tensor, ks: Tensor, top_p: Tensor) -> tuple[T
     covered says the K values settle the row (its top_k is within K, and their mass reaches top_p)."""
     big = vals.shape[1]
     kth = torch.where(ks[:, None] <= big, vals.gather(1, (ks.clamp(max=big) - 1)[:, None]), -math.inf)
-    kept = x.masked_fill(x < kth, -math.inf)
+    kept = x.masked_fill(x < kth, -math.inf) if bool((ks < x.shape[1]).any()) else x
     log_total = torch.logsumexp(kept, dim=-1, keepdim=True)  # normaliser of the top_k distribution
     probs = torch.exp(vals.masked_fill(vals < kth, -math.inf) - log_total)
     cum = torch.cumsum(probs, dim=-1)
@@ -432,9 +436,12 @@ def _race(logprobs: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
     support = torch.isfinite(logprobs)
     sizes = support.sum(-1).tolist()
     draws = torch.cat([torch.empty(n).exponential_(generator=g) for n, g in zip(sizes, generators)])
-    noise = torch.full(logprobs.shape, math.inf, device=logprobs.device)
-    noise[support] = draws.to(logprobs.device).clamp_min(torch.finfo(torch.float32).tiny)  # 0 would win anyway
-    return (logprobs - noise.log()).argmax(dim=-1)
+    draws = draws.to(logprobs.device).clamp_min(torch.finfo(torch.float32).tiny)  # an E of 0 would win anyway
+    if sum(sizes) == logprobs.numel():  # every token of every row is possible: no scatter needed
+        noise = draws.view(logprobs.shape)
+    else:
+        noise = torch.full_like(logprobs, math.inf).masked_scatter_(support, draws)
+    return (logprobs - noise.log()).argmax(dim=-1)  # log(p / E); -inf outside the support
 
 
 def sample(logprobs: Tensor, rows: Sequence[RequestSampler]) -> Tensor:

@@ -469,6 +469,9 @@ def test_generation_config_gives_defaults_and_explicit_fields_win(tmp_path):
     assert (greedy.greedy, greedy.top_k, greedy.repetition_penalty, greedy.max_tokens, greedy.eos_token_ids) == \
         (True, 40, 1.1, 9, (1, 2))
     assert SamplingParams.from_generation_config({"do_sample": False}, temperature=0.8).temperature == 0.8
+    model = SamplingParams(eos_token_ids=(5,), max_tokens=100)  # the layer below: the model's config.json
+    assert SamplingParams.from_generation_config({"temperature": 0.3}, model).eos_token_ids == (5,)
+    assert SamplingParams.from_generation_config({"eos_token_id": [6, 7]}, model).eos_token_ids == (6, 7)
     (tmp_path / "bare").mkdir()
     assert SamplingParams.from_generation_config(tmp_path / "bare") == SamplingParams()  # none there: no defaults
 

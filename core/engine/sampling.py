@@ -183,12 +183,14 @@ class SamplingParams:
 
     @classmethod
     def from_generation_config(cls, source: str | os.PathLike | dict | None = None,
-                               **overrides: Any) -> "SamplingParams":
-        """Defaults from a checkpoint's generation_config.json (a file, a checkpoint directory, or a parsed dict;
-        None for none), then the explicit `overrides` (CLI flags or request fields; None = not given) win.
+                               base: "SamplingParams | None" = None, **overrides: Any) -> "SamplingParams":
+        """Three layers, each overriding the one before: `base` (default SamplingParams(); the engine passes
+        SamplingParams(eos_token_ids=model config's eos ids)), then a checkpoint's generation_config.json (a file,
+        a checkpoint directory, or a parsed dict; None for none), then the explicit `overrides` (CLI flags or
+        request fields; None = not given).
 
         A bad value in the file raises CheckpointError naming the file and field; a bad override, UserError."""
-        base = cls()
+        base = base if base is not None else cls()
         if source is not None:
             defaults, name = sampling_defaults(source)
             try:

@@ -11,15 +11,22 @@ One decode step of the engine, for B rows (a request may own several rows, e.g. 
 
 `rows[i]` is the RequestSampler of row i; `extra[i]` lists tokens to treat as already emitted by that row (the
 draft, when judging the bonus position of an MTP verify step), so each row is processed with its own history up to
-its own position.
+its own position. An MTP verify step for requests R (pending token already appended, draft d_r drawn with
+`sample(q, R)` from q = `process(mtp_logits, R)`):
+
+    p = process(verify_logits [2n, V], [r for r in R for _ in (0, 1)], [e for r in R for e in ([], [d_r])])
+    ok, tok = accept(p[0::2], q, drafts, R)     # tok = the draft where ok, else the replacement
+    bonus = sample(p[1::2], R)                  # used for the rows where ok (draw it only for those, to save work)
 
 Processing order (the distribution actually sampled from), each step a tensor op over the rows that need it:
   min_tokens (stop and EOS ids banned while fewer than `min_tokens` tokens are out) -> repetition penalty (prompt and
   output tokens: positive logits divided, others multiplied, as transformers and vLLM do) -> frequency and presence
   penalties (output tokens only, as OpenAI and vLLM: logit -= f * count + p * [count > 0]) -> temperature ->
   top_k (keeps every token tied with the k-th largest, as transformers and vLLM do) -> top_p (the smallest set of
-  most likely tokens whose probability reaches top_p; the most likely token is always kept) -> min_p (keeps tokens
-  with p >= min_p * p_max) -> log_softmax.
+  most likely tokens whose probability reaches top_p, the most likely token always kept, and tokens tied with the
+  last one kept kept too, so the set never depends on token order; transformers and vLLM cut ties by sort order)
+  -> min_p (keeps tokens with p >= min_p * p_max) -> log_softmax. top_k and top_p look at the TOP_PREFIX largest
+  values (torch.topk) and fall back to a full sort only for rows those do not settle.
 
 Greedy rows (temperature < GREEDY_BELOW, which includes 0; the same cut-off vLLM uses, and the floor DeepSeek's demo
 puts under its temperature) get the one-hot distribution of the argmax of their penalised logits (first index on

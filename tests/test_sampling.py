@@ -175,9 +175,9 @@ def test_stateful_process_equals_the_stateless_form_with_extra_tokens():
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2 ** 32 - 1),
-       temperature=st.one_of(st.just(0.0), st.floats(1e-30, 1e-5), st.floats(1e-5, 100.0)),
+       temperature=st.one_of(st.just(0.0), st.floats(1e-30, 1e-5), st.floats(1e-5, 1e300)),
        top_p=st.floats(1e-6, 1.0).filter(lambda v: v > 0), top_k=st.integers(-1, 80),
-       min_p=st.floats(0.0, 1.0), repetition=st.floats(0.01, 100.0), frequency=st.floats(-2.0, 2.0),
+       min_p=st.floats(0.0, 1.0), repetition=st.floats(1e-300, 1e300), frequency=st.floats(-2.0, 2.0),
        presence=st.floats(-2.0, 2.0), scale=st.floats(1e-3, 1e30))
 def test_processed_rows_are_always_distributions(seed, temperature, top_p, top_k, min_p, repetition, frequency,
                                                  presence, scale):

@@ -57,6 +57,7 @@ GREEDY_BELOW = 1e-5  # temperatures below this are greedy
 TOP_PREFIX = 1024  # top_k / top_p look at this many largest values first (a full sort of V only when they do not do)
 MAX_LOGPROBS = 20  # the most top logprobs a request may ask for (OpenAI's limit)
 _INT64_MIN, _UINT64_MAX = -(2 ** 63), 2 ** 64 - 1  # the seeds torch.Generator.manual_seed takes
+_TINY, _HUGE = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
 
 
 class InvalidLogits(ValueError):
@@ -317,15 +318,15 @@ def _process(logits: Tensor, params: Sequence[SamplingParams], num_outputs: Sequ
     if penalty_rows:
         pr = torch.tensor(penalty_rows, device=dev)
         sub = x[pr]
-        rep = _col([params[r].repetition_penalty for r in penalty_rows], dev)
+        rep = _col([params[r].repetition_penalty for r in penalty_rows], dev).clamp(_TINY, _HUGE)  # 0/inf in fp32
         freq = _col([params[r].frequency_penalty for r in penalty_rows], dev)
         pres = _col([params[r].presence_penalty for r in penalty_rows], dev)
         seen = prompt_mask | (counts > 0)
         sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
         sub = sub - freq * counts - pres * (counts > 0).float()
-        x[pr] = sub
+        x[pr] = sub.clamp(max=_HUGE)  # a tiny penalty may overflow a seen token to +inf: it stays the most likely
         bad = invalid_rows(x)
-        if bad:  # an extreme penalty (e.g. 1e-40, 0 in float32) can overflow
+        if bad:  # every token seen and pushed to -inf by a huge penalty
             _raise_invalid(x, bad, "after the penalties")
 
     out = torch.empty_like(x)
@@ -345,7 +346,8 @@ def _process(logits: Tensor, params: Sequence[SamplingParams], num_outputs: Sequ
 def _truncated_logprobs(x: Tensor, params: Sequence[SamplingParams]) -> Tensor:
     """Temperature -> top_k -> top_p -> min_p -> log_softmax for sampled rows; x [n, V] float32, finite maxima."""
     dev, vocab = x.device, x.shape[1]
-    x = (x - x.amax(dim=-1, keepdim=True)) / _col([p.temperature for p in params], dev)  # the max is now 0
+    temps = _col([p.temperature for p in params], dev).clamp(max=_HUGE)  # above fp32's range: inf, and -inf/inf
+    x = (x - x.amax(dim=-1, keepdim=True)) / temps  # the max is now 0
     trunc = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1]
     if len(trunc) == len(params):
         x = x.masked_fill(x < _keep_threshold(x, params), -math.inf)

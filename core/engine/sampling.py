@@ -50,7 +50,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from core.engine.generation_config import _short, sampling_defaults
+from core.engine.generation_config import short_repr, sampling_defaults
 from core.errors import CheckpointError, UserError
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy
@@ -135,7 +135,7 @@ class SamplingParams:
         prefix = f"{source}: " if source else ""
 
         def bad(name: str, rule: str) -> None:
-            raise error(f"{prefix}{name} must be {rule}, got {_short(getattr(self, name))}")
+            raise error(f"{prefix}{name} must be {rule}, got {short_repr(getattr(self, name))}")
 
         def real(name: str, ok, rule: str) -> None:
             v = getattr(self, name)
@@ -175,7 +175,7 @@ class SamplingParams:
         for name in ("stop_token_ids", "eos_token_ids"):
             out = [t for t in getattr(self, name) if t >= vocab_size]
             if out:
-                raise UserError(f"{name} {_short(out)} are outside the vocabulary [0, {vocab_size})")
+                raise UserError(f"{name} {short_repr(out)} are outside the vocabulary [0, {vocab_size})")
         return self
 
     # -- construction -----------------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ class SamplingParams:
         known = {f.name for f in fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise UserError(f"unknown sampling option {_short(unknown[0])} (known: {', '.join(sorted(known))})")
+            raise UserError(f"unknown sampling option {short_repr(unknown[0])} (known: {', '.join(sorted(known))})")
         return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()
 
     @classmethod

@@ -1,0 +1,484 @@
+"""Per-request sampling, vectorised over a batch of rows that each carry their own parameters.
+
+One decode step of the engine, for B rows (a request may own several rows, e.g. MTP verification):
+
+    samplers = [RequestSampler(params, prompt_ids, vocab_size), ...]        # one per request, kept across steps
+    logprobs = process(logits, rows, extra)    # logits [B, V] -> processed log-probabilities [B, V] float32
+    tokens = sample(logprobs, rows)            # int64 [B]: argmax for greedy rows, else an exponential race
+    reason = sampler.append(token)             # updates the request's history; "stop" / "length" / None
+    ok, tokens = accept(p_logprobs, q_logprobs, drafts, rows)   # speculative acceptance, one draft per row
+    info = token_logprobs(logits, tokens, [s.params.logprobs for s in rows])   # raw log_softmax, top-N
+
+`rows[i]` is the RequestSampler of row i; `extra[i]` lists tokens to treat as already emitted by that row (the
+draft, when judging the bonus position of an MTP verify step), so each row is processed with its own history up to
+its own position.
+
+Processing order (the distribution actually sampled from), each step a tensor op over the rows that need it:
+  min_tokens (stop and EOS ids banned while fewer than `min_tokens` tokens are out) -> repetition penalty (prompt and
+  output tokens: positive logits divided, others multiplied, as transformers and vLLM do) -> frequency and presence
+  penalties (output tokens only, as OpenAI and vLLM: logit -= f * count + p * [count > 0]) -> temperature ->
+  top_k (keeps every token tied with the k-th largest, as transformers and vLLM do) -> top_p (the smallest set of
+  most likely tokens whose probability reaches top_p; the most likely token is always kept) -> min_p (keeps tokens
+  with p >= min_p * p_max) -> log_softmax.
+
+Greedy rows (temperature < GREEDY_BELOW, which includes 0; the same cut-off vLLM uses, and the floor DeepSeek's demo
+puts under its temperature) get the one-hot distribution of the argmax of their penalised logits (first index on
+ties, torch.argmax's rule). Sampled rows subtract their row maximum before dividing by the temperature, so every
+accepted temperature yields finite, normalised log-probabilities. Logits that contain NaN or +inf, or a row with no
+finite logit left, raise `InvalidLogits` naming the rows (the caller aborts those requests; no other row's result
+depends on them, see `invalid_rows`).
+
+Randomness: every request owns a CPU `torch.Generator` seeded from `SamplingParams.seed` (or from the OS when None).
+A row's draws come only from its own generator and depend only on its own log-probabilities, so a seeded request
+gives the same tokens whatever else is in the batch, on every backend whose probabilities agree.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from core.engine.generation_config import _short, sampling_defaults
+from core.errors import CheckpointError, UserError
+
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy
+MAX_LOGPROBS = 20  # the most top logprobs a request may ask for (OpenAI's limit)
+_INT64_MIN, _UINT64_MAX = -(2 ** 63), 2 ** 64 - 1  # the seeds torch.Generator.manual_seed takes
+
+
+class InvalidLogits(ValueError):
+    """Some rows' logits cannot be sampled from (NaN, +inf, or no finite value). `rows` lists them."""
+
+    def __init__(self, message: str, rows: list[int]):
+        super().__init__(message)
+        self.rows = rows
+
+
+# -- parameters -----------------------------------------------------------------------------------------------------
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass
+class SamplingParams:
+    """What one request asks of the sampler (OpenAI / vLLM names and ranges).
+
+    top_k 0 or -1 means off; max_tokens None means until EOS or the context ends; stop strings are matched on the
+    detokenised text elsewhere (carried and validated here); logprobs None means none, N in 0..20 means the sampled
+    token's logprob and the N most likely tokens of the raw distribution; eos_token_ids come from the model or its
+    generation_config.json and stop a request unless ignore_eos."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    max_tokens: int | None = None
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        elif isinstance(self.stop, tuple):
+            self.stop = list(self.stop)
+        if isinstance(self.stop_token_ids, tuple):
+            self.stop_token_ids = list(self.stop_token_ids)
+        if isinstance(self.eos_token_ids, list):
+            self.eos_token_ids = tuple(self.eos_token_ids)
+
+    # -- derived ----------------------------------------------------------------------------------------------------
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """Token ids that end the request: stop_token_ids, and the EOS ids unless ignore_eos."""
+        return frozenset(self.stop_token_ids) | (frozenset() if self.ignore_eos else frozenset(self.eos_token_ids))
+
+    # -- checks -----------------------------------------------------------------------------------------------------
+
+    def validate(self, source: str = "", error: type[UserError] = UserError) -> "SamplingParams":
+        """Raise `error` (one line: `source: field must be ..., got value`) on the first bad field; return self."""
+        prefix = f"{source}: " if source else ""
+
+        def bad(name: str, rule: str) -> None:
+            raise error(f"{prefix}{name} must be {rule}, got {_short(getattr(self, name))}")
+
+        def real(name: str, ok, rule: str) -> None:
+            v = getattr(self, name)
+            if not _is_real(v) or not math.isfinite(v) or not ok(v):
+                bad(name, rule)
+
+        real("temperature", lambda v: v >= 0, "a finite number >= 0 (0 is greedy)")
+        real("top_p", lambda v: 0 < v <= 1, "a number in (0, 1]")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            bad("top_k", "an integer >= 1, or 0 or -1 for no limit")
+        real("min_p", lambda v: 0 <= v <= 1, "a number in [0, 1]")
+        real("repetition_penalty", lambda v: v > 0, "a finite number > 0 (1 is none)")
+        real("frequency_penalty", lambda v: -2 <= v <= 2, "a number in [-2, 2]")
+        real("presence_penalty", lambda v: -2 <= v <= 2, "a number in [-2, 2]")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            bad("max_tokens", "an integer >= 1 (or None for no limit)")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            bad("min_tokens", "an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise error(f"{prefix}min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", "a list of non-empty strings")
+        for name in ("stop_token_ids", "eos_token_ids"):
+            ids = getattr(self, name)
+            if not isinstance(ids, (list, tuple)) or not all(_is_int(t) and t >= 0 for t in ids):
+                bad(name, "a list of token ids (integers >= 0)")
+        if not isinstance(self.ignore_eos, bool):
+            bad("ignore_eos", "true or false")
+        if self.seed is not None and (not _is_int(self.seed) or not _INT64_MIN <= self.seed <= _UINT64_MAX):
+            bad("seed", f"an integer in [{_INT64_MIN}, {_UINT64_MAX}] (or None for a random one)")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] (or None for none)")
+        return self
+
+    def check_vocab(self, vocab_size: int) -> "SamplingParams":
+        """Raise UserError if a stop or EOS token id is outside [0, vocab_size); return self."""
+        for name in ("stop_token_ids", "eos_token_ids"):
+            out = [t for t in getattr(self, name) if t >= vocab_size]
+            if out:
+                raise UserError(f"{name} {_short(out)} are outside the vocabulary [0, {vocab_size})")
+        return self
+
+    # -- construction -----------------------------------------------------------------------------------------------
+
+    def merged(self, **overrides: Any) -> "SamplingParams":
+        """A copy with the given fields replaced; a None value means "not given" and keeps this one's value.
+        Unknown names raise UserError. The result is validated."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise UserError(f"unknown sampling option {_short(unknown[0])} (known: {', '.join(sorted(known))})")
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()
+
+    @classmethod
+    def from_generation_config(cls, source: str | os.PathLike | dict | None = None,
+                               **overrides: Any) -> "SamplingParams":
+        """Defaults from a checkpoint's generation_config.json (a file, a checkpoint directory, or a parsed dict;
+        None for none), then the explicit `overrides` (CLI flags or request fields; None = not given) win.
+
+        A bad value in the file raises CheckpointError naming the file and field; a bad override, UserError."""
+        base = cls()
+        if source is not None:
+            defaults, name = sampling_defaults(source)
+            try:
+                base = replace(base, **defaults)
+            except TypeError as e:  # cannot happen for the mapped names; kept as a one-line error regardless
+                raise CheckpointError(f"{name}: {e}") from None
+            base.validate(name, CheckpointError)
+        return base.merged(**overrides)
+
+
+# -- per-request state ----------------------------------------------------------------------------------------------
+
+class RequestSampler:
+    """One request's sampling state, kept by the engine for the request's lifetime: its parameters, its generator,
+    its prompt and output token ids, and (only when it has penalties) its prompt-token mask and output-token counts
+    as [V] tensors on the logits' device, updated one token at a time.
+
+    The generator is a CPU torch.Generator seeded with `seed` (params.seed, or 64 random bits from the OS)."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int):
+        self.params = params.validate().check_vocab(vocab_size)
+        self.vocab_size = vocab_size
+        self.seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little")
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.prompt_ids = list(prompt_ids)
+        self.output_ids: list[int] = []
+        self._stop_ids = params.stop_ids
+        self._prompt_mask: Tensor | None = None  # bool [V]
+        self._counts: Tensor | None = None  # float32 [V]
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.greedy
+
+    def append(self, token: int) -> str | None:
+        """Record an emitted token. Returns the finish reason it causes: "stop" (a stop or EOS token, once
+        min_tokens are out), "length" (max_tokens reached) or None. Stop strings are checked elsewhere."""
+        self.output_ids.append(token)
+        if self._counts is not None:
+            self._counts[token] += 1
+        n = len(self.output_ids)
+        if token in self._stop_ids and n > self.params.min_tokens:
+            return "stop"
+        if self.params.max_tokens is not None and n >= self.params.max_tokens:
+            return "length"
+        return None
+
+    def penalty_state(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(prompt-token mask bool [V], output-token counts float32 [V]) on `device`, built on first use."""
+        if self._counts is None or self._counts.device != torch.device(device):
+            self._prompt_mask = _id_mask(self.prompt_ids, self.vocab_size, device)
+            self._counts = _id_counts(self.output_ids, self.vocab_size, device)
+        return self._prompt_mask, self._counts
+
+
+def _id_mask(ids: Sequence[int], vocab: int, device) -> Tensor:
+    mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+    if ids:
+        mask[torch.tensor(list(ids), dtype=torch.long, device=device)] = True
+    return mask
+
+
+def _id_counts(ids: Sequence[int], vocab: int, device) -> Tensor:
+    counts = torch.zeros(vocab, dtype=torch.float32, device=device)
+    if ids:
+        counts.index_add_(0, torch.tensor(list(ids), dtype=torch.long, device=device),
+                          torch.ones(len(ids), dtype=torch.float32, device=device))
+    return counts
+
+
+# -- processing -----------------------------------------------------------------------------------------------------
+
+def invalid_rows(logits: Tensor) -> list[int]:
+    """Rows of `logits` [B, V] that cannot be sampled from: any NaN or +inf, or no finite value."""
+    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1)
+    return bad.nonzero().flatten().tolist()
+
+
+def _raise_invalid(logits: Tensor, rows: list[int], when: str) -> None:
+    nan = [r for r in rows if bool(torch.isnan(logits[r]).any())]
+    inf = [r for r in rows if r not in nan and bool(torch.isposinf(logits[r]).any())]
+    empty = [r for r in rows if r not in nan and r not in inf]
+    parts = [f"{what} in rows {rs}" for what, rs in (("NaN", nan), ("+inf", inf), ("no finite value", empty)) if rs]
+    raise InvalidLogits(f"logits {when} cannot be sampled: {'; '.join(parts)}", rows)
+
+
+def _col(values: Sequence[float], device, dtype=torch.float32) -> Tensor:
+    return torch.tensor(list(values), dtype=dtype, device=device)[:, None]
+
+
+def _process(logits: Tensor, params: Sequence[SamplingParams], num_outputs: Sequence[int],
+             penalty_rows: list[int], prompt_mask: Tensor | None, counts: Tensor | None) -> Tensor:
+    """The processing pipeline (module docstring). `penalty_rows` index the rows with penalties; `prompt_mask`
+    (bool) and `counts` (float32) are their [len(penalty_rows), V] histories."""
+    if logits.dim() != 2 or len(params) != logits.shape[0]:
+        raise ValueError(f"logits must be [B, V] with one SamplingParams per row, got {tuple(logits.shape)} "
+                         f"and {len(params)} params")
+    bad = invalid_rows(logits)
+    if bad:
+        _raise_invalid(logits, bad, "from the model")
+    dev, vocab = logits.device, logits.shape[1]
+    x = logits.to(torch.float32, copy=True)
+
+    # min_tokens: ban stop and EOS ids while too few tokens are out
+    ban_r, ban_t = [], []
+    for r, (p, n) in enumerate(zip(params, num_outputs)):
+        if n < p.min_tokens:
+            ids = [t for t in p.stop_ids if t < vocab]
+            ban_r += [r] * len(ids)
+            ban_t += ids
+    if ban_r:
+        x[torch.tensor(ban_r, device=dev), torch.tensor(ban_t, device=dev)] = -math.inf
+        bad = invalid_rows(x)
+        if bad:
+            _raise_invalid(x, bad, "after banning stop tokens until min_tokens")
+
+    if penalty_rows:
+        pr = torch.tensor(penalty_rows, device=dev)
+        sub = x[pr]
+        rep = _col([params[r].repetition_penalty for r in penalty_rows], dev)
+        freq = _col([params[r].frequency_penalty for r in penalty_rows], dev)
+        pres = _col([params[r].presence_penalty for r in penalty_rows], dev)
+        seen = prompt_mask | (counts > 0)
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+        sub = sub - freq * counts - pres * (counts > 0).float()
+        x[pr] = sub
+        bad = invalid_rows(x)
+        if bad:  # an extreme penalty (e.g. 1e-40, 0 in float32) can overflow
+            _raise_invalid(x, bad, "after the penalties")
+
+    out = torch.empty_like(x)
+    greedy = [r for r, p in enumerate(params) if p.greedy]
+    if greedy:
+        g = torch.tensor(greedy, device=dev)
+        one_hot = torch.full((len(greedy), vocab), -math.inf, device=dev)
+        one_hot.scatter_(1, x[g].argmax(dim=-1, keepdim=True), 0.0)
+        out[g] = one_hot
+    rows = [r for r, p in enumerate(params) if not p.greedy]
+    if rows:
+        s = torch.tensor(rows, device=dev)
+        out[s] = _truncated_logprobs(x[s], [params[r] for r in rows])
+    return out
+
+
+def _truncated_logprobs(x: Tensor, params: Sequence[SamplingParams]) -> Tensor:
+    """Temperature -> top_k -> top_p -> min_p -> log_softmax for sampled rows; x [n, V] float32, finite maxima."""
+    dev, vocab = x.device, x.shape[1]
+    x = (x - x.max(dim=-1, keepdim=True).values) / _col([p.temperature for p in params], dev)  # max is now 0
+
+    trunc = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1]
+    if trunc:
+        t = torch.tensor(trunc, device=dev)
+        vals, idx = x[t].sort(dim=-1, descending=True, stable=True)
+        k = torch.tensor([params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in trunc], device=dev)
+        kth = vals.gather(1, (k - 1)[:, None])
+        vals = vals.masked_fill(vals < kth, -math.inf)
+        top_p = _col([params[i].top_p for i in trunc], dev)
+        probs = torch.softmax(vals, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely tokens
+        vals = vals.masked_fill((before >= top_p) & (top_p < 1), -math.inf)
+        x[t] = torch.full_like(vals, -math.inf).scatter(1, idx, vals)
+
+    if any(p.min_p > 0 for p in params):
+        floor = _col([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params], dev)
+        x = x.masked_fill(x < floor, -math.inf)
+    return torch.log_softmax(x, dim=-1)
+
+
+def process_logits(logits: Tensor, params: Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]],
+                   output_ids: Sequence[Sequence[int]]) -> Tensor:
+    """Processed log-probabilities [B, V] float32 of logits [B, V] (any float dtype, any device), row b judged
+    with `params[b]` and its history (`prompt_ids[b]`, `output_ids[b]`). The stateless form of `process`."""
+    vocab, dev = logits.shape[-1], logits.device
+    pen = [r for r, p in enumerate(params) if p.has_penalties]
+    mask = torch.stack([_id_mask(prompt_ids[r], vocab, dev) for r in pen]) if pen else None
+    counts = torch.stack([_id_counts(output_ids[r], vocab, dev) for r in pen]) if pen else None
+    return _process(logits, params, [len(o) for o in output_ids], pen, mask, counts)
+
+
+def process(logits: Tensor, rows: Sequence[RequestSampler], extra: Sequence[Sequence[int]] | None = None) -> Tensor:
+    """Processed log-probabilities [B, V] float32 of logits [B, V]: row b with `rows[b]`'s parameters and history,
+    plus `extra[b]` (tokens counted as already emitted by that row; default none)."""
+    extra = extra if extra is not None else [()] * len(rows)
+    dev = logits.device
+    pen = [r for r, s in enumerate(rows) if s.params.has_penalties]
+    mask = counts = None
+    if pen:
+        states = [rows[r].penalty_state(dev) for r in pen]
+        mask = torch.stack([m for m, _ in states])
+        counts = torch.stack([c for _, c in states])
+        ex_r = [i for i, r in enumerate(pen) for _ in extra[r]]
+        if ex_r:
+            ex_t = [t for r in pen for t in extra[r]]
+            counts.index_put_((torch.tensor(ex_r, device=dev), torch.tensor(ex_t, device=dev)),
+                              torch.ones(len(ex_r), device=dev), accumulate=True)
+    num_out = [len(s.output_ids) + len(e) for s, e in zip(rows, extra)]
+    return _process(logits, [s.params for s in rows], num_out, pen, mask, counts)
+
+
+# -- drawing --------------------------------------------------------------------------------------------------------
+
+def _race(logprobs: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
+    """Exponential race, argmax(p / E) with E ~ Exp(1) iid: an exact categorical draw per row of logprobs [n, V].
+    Row i's noise comes from generators[i] alone (drawn on the CPU, then moved to the logits' device)."""
+    vocab = logprobs.shape[1]
+    noise = torch.stack([torch.empty(vocab).exponential_(generator=g) for g in generators])
+    noise = noise.to(logprobs.device).clamp_min(torch.finfo(torch.float32).tiny)  # a 0 draw would make -inf + inf
+    return (logprobs - noise.log()).argmax(dim=-1)
+
+
+def sample(logprobs: Tensor, rows: Sequence[RequestSampler]) -> Tensor:
+    """One token per row (int64 [B], on the logprobs' device) from processed logprobs [B, V]: the argmax for
+    greedy rows (no random draw), an exponential race with the row's generator otherwise."""
+    tokens = logprobs.argmax(dim=-1)
+    sampled = [r for r, s in enumerate(rows) if not s.greedy]
+    if sampled:
+        s = torch.tensor(sampled, device=logprobs.device)
+        tokens[s] = _race(logprobs[s], [rows[r].generator for r in sampled])
+    return tokens
+
+
+def accept(target: Tensor, draft: Tensor, draft_tokens: Tensor | Sequence[int],
+           rows: Sequence[RequestSampler]) -> tuple[Tensor, Tensor]:
+    """Speculative acceptance of one draft token per row.
+
+    target, draft: processed logprobs [B, V] (p of the main model, q of the MTP module that proposed the draft,
+    both processed with the row's parameters and its history up to the draft's position); draft_tokens [B].
+    Returns (accepted bool [B], token int64 [B]): the draft where accepted, otherwise the replacement.
+
+    Greedy rows accept iff the draft is the target's argmax, and the replacement is that argmax. Sampled rows
+    accept with probability min(1, p/q) (one uniform from the row's generator) and otherwise draw the replacement
+    from normalize(max(p - q, 0)) (from p itself if that is all zero); the emitted token is then distributed
+    exactly as p. A draft that q gives no mass is rejected."""
+    dev = target.device
+    drafts = torch.as_tensor(draft_tokens, dtype=torch.long, device=dev).reshape(-1)
+    best = target.argmax(dim=-1)
+    ok = drafts == best
+    tokens = best.clone()
+    sampled = [r for r, s in enumerate(rows) if not s.greedy]
+    if sampled:
+        s = torch.tensor(sampled, device=dev)
+        d = drafts[s][:, None]
+        lp, lq = target[s].gather(1, d)[:, 0], draft[s].gather(1, d)[:, 0]
+        u = torch.stack([torch.rand((), generator=rows[r].generator) for r in sampled]).to(dev)
+        ok_s = (u < torch.exp(lp - lq)) & torch.isfinite(lq)
+        ok[s] = ok_s
+        tokens[s] = drafts[s]
+        rejected = [r for r, a in zip(sampled, ok_s.tolist()) if not a]
+        if rejected:
+            j = torch.tensor(rejected, device=dev)
+            p, q = target[j].exp(), draft[j].exp()
+            residual = (p - q).clamp_min(0)
+            residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
+            tokens[j] = _race(residual.log(), [rows[r].generator for r in rejected])
+    tokens[ok] = drafts[ok]
+    return ok, tokens
+
+
+# -- logprobs -------------------------------------------------------------------------------------------------------
+
+@dataclass
+class TokenLogprobs:
+    """The emitted token's logprob and rank (1 = most likely) and the `top` (token, logprob) pairs, most likely
+    first, all of the model's raw distribution."""
+
+    token: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor | Sequence[int], num_top: Sequence[int | None]) -> list[
+        TokenLogprobs | None]:
+    """Logprobs of the emitted tokens under the RAW distribution log_softmax(logits) (float32), not the processed
+    one, as vLLM returns by default: what the model believed, independent of temperature and truncation (a token
+    sampled after top_p still gets its finite model logprob). logits [B, V]; tokens [B]; num_top[b] is the row's
+    `logprobs` parameter (None: no entry for that row, N: the N most likely tokens too)."""
+    want = [r for r, n in enumerate(num_top) if n is not None]
+    result: list[TokenLogprobs | None] = [None] * len(num_top)
+    if not want:
+        return result
+    dev = logits.device
+    w = torch.tensor(want, device=dev)
+    lp = torch.log_softmax(logits[w].float(), dim=-1)
+    tok = torch.as_tensor(tokens, dtype=torch.long, device=dev).reshape(-1)[w]
+    chosen = lp.gather(1, tok[:, None])
+    ranks = (lp > chosen).sum(-1) + 1
+    n_max = max(num_top[r] for r in want)
+    top_v, top_i = lp.topk(n_max, dim=-1) if n_max else (lp[:, :0], lp[:, :0].long())
+    top_v, top_i, chosen, ranks, tok = (t.cpu().tolist() for t in (top_v, top_i, chosen[:, 0], ranks, tok))
+    for i, r in enumerate(want):
+        n = num_top[r]
+        result[r] = TokenLogprobs(tok[i], chosen[i], ranks[i], list(zip(top_i[i][:n], top_v[i][:n])))
+    return result

@@ -1,13 +1,17 @@
-"""Tokenizers: byte-level for the embedded default; a checkpoint's own `tokenizer.json` when the optional
-`tokenizers` package is installed. Token ids are always accepted directly (`--prompt-ids`)."""
+"""Tokenizers for `core.run`: the embedded default's and a checkpoint's own, both through the `tokenizers` library
+(`core.engine.tokenizer`). Token ids are always accepted directly (`--prompt-ids`).
+
+`ByteTokenizer` is the id layout the embedded default has kept since its first version (0 BOS, 1 EOS, 2 pad,
+3 + b = byte b); the default's real tokenizer (`core.engine.default_tokenizer`) encodes and decodes every byte string
+exactly as it does, plus chat markers."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Protocol
 
-from core.errors import UserError
+from core.engine.tokenizer import Tokenizer as EngineTokenizer
+from core.engine.tokenizer import has_tokenizer, load_tokenizer
 
 
 class Tokenizer(Protocol):
@@ -33,43 +37,11 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
 
-class HFTokenizer:
-    """A checkpoint's tokenizer.json through the `tokenizers` package; adds BOS as tokenizer_config.json says."""
-
-    def __init__(self, directory: Path, bos_id: int | None):
-        try:
-            from tokenizers import Tokenizer as _Tok
-        except ImportError:
-            raise UserError(f"{directory}/tokenizer.json needs the 'tokenizers' package (pip install tokenizers); "
-                            "or pass --prompt-ids") from None
-        try:
-            self.tok = _Tok.from_file(str(directory / "tokenizer.json"))
-        except Exception as e:  # the tokenizers library raises its own exception type
-            raise UserError(f"{directory}/tokenizer.json: cannot load ({str(e).splitlines()[0]})") from None
-        add_bos = True
-        cfg_file = directory / "tokenizer_config.json"
-        if cfg_file.is_file():
-            try:
-                data = json.loads(cfg_file.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise UserError(f"{cfg_file}: cannot read it as JSON ({e})") from None
-            if not isinstance(data, dict):
-                raise UserError(f"{cfg_file}: expected a JSON object")
-            add_bos = bool(data.get("add_bos_token", True))
-        self.bos_id = bos_id if add_bos else None
-
-    def encode(self, text: str) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if self.bos_id is not None else []) + ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True)
-
-
-def for_checkpoint(directory: Path | None, bos_id: int | None) -> Tokenizer | None:
-    """The tokenizer of a checkpoint directory (None if it has none), or the byte tokenizer for the default."""
+def for_checkpoint(directory: Path | None, bos_id: int | None = None) -> EngineTokenizer | None:
+    """The tokenizer of a checkpoint directory (None if it has no tokenizer.json), or the embedded default's.
+    `bos_id` is not used: whether and which BOS is added comes from the tokenizer files, as in transformers."""
     if directory is None:
-        return ByteTokenizer(bos_id)
-    if (directory / "tokenizer.json").is_file():
-        return HFTokenizer(directory, bos_id)
+        return load_tokenizer(None)
+    if has_tokenizer(directory):
+        return load_tokenizer(directory)
     return None

@@ -7,8 +7,11 @@ selected backend) or plain tensor code.
     logits = lm_head(rms_norm(h))
     MTP:  g = Layer_N(eh_proj(cat(enorm(Embed[t_j]), hnorm(h_{j-1}))));  draft logits = lm_head(head_norm(g))
 
-Prefill runs MLA naively (keys and values expanded from the cached latents by kv_b, `attention_prefill`); decode
-runs it absorbed (`mla_decode` over the latent cache, W_UK folded into the query and W_UV into the output).
+The latent cache is paged (core.batch.PagedCache, contract v2): new latents are written through the batch's slot
+mapping. Prefill sequences run MLA naively (their cached latents gathered through their block tables, expanded to
+keys and values by kv_b, `attention_prefill`); decode sequences run it absorbed (`mla_decode` over the block table,
+W_UK folded into the query and W_UV into the output). One batch may mix both: decode sequences first, then
+prefill chunks; only attention splits, every other computation runs once over all tokens.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from core.batch import Batch, LatentCache
+from core.backend import choose_block_size
+from core.batch import Batch, PagedCache
 from core.checkpoint import DirectoryCheckpoint, TensorSource
 from core.config import ModelConfig
 from core.dispatch import Dispatch
@@ -46,9 +50,17 @@ class Model:
     def has_mtp(self) -> bool:
         return self.w.mtp is not None
 
-    def new_cache(self, slots: int, max_len: int, mtp: bool = False) -> LatentCache:
+    def block_size(self, requested: int | None = None) -> int:
+        """The cache block size to use: `requested` if the backend's mla_decode takes it (else a one-line
+        UserError naming the sizes it takes), or its preferred size when None."""
+        return choose_block_size(self.ops.backend, requested)
+
+    def new_cache(self, num_blocks: int, block_size: int, mtp: bool = False) -> PagedCache:
+        """A zeroed paged cache of `num_blocks` blocks of `block_size` positions, for every layer (mtp: the MTP
+        module's one layer). `block_size` must be one the backend takes (see `block_size`)."""
         layers = 1 if mtp else self.cfg.num_hidden_layers
-        return LatentCache(layers, slots, max_len, self.cfg.latent_width, self.dtype, self.device)
+        return PagedCache(layers, num_blocks, self.block_size(block_size), self.cfg.latent_width, self.dtype,
+                          self.device)
 
     # -- operators with the layer's parameters ---------------------------------------------------------------------
 
@@ -84,20 +96,22 @@ class Model:
         kv = self._linear(x, a.kv_a)
         latent = ops.rms_norm(kv[:, :r], a.kv_a_norm, self.eps)
         k_pe = ops.apply_rope(kv[:, None, r:], cos, sin)[:, 0]
-        cache[batch.token_slot, batch.token_index] = torch.cat([latent, k_pe], dim=-1)
-        if batch.decode:
-            b, s = batch.num_seqs, batch.new_per_seq
-            q_lat = torch.einsum("thd,hdr->thr", q_nope, a.w_uk)
-            o_lat = ops.mla_decode(q_lat.view(b, s, h, r), q_pe.view(b, s, h, pe), cache, batch.slots, batch.lens,
-                                   c.softmax_scale)
-            o = torch.einsum("thr,hvr->thv", o_lat.view(t, h, r), a.w_uv)
-        else:
-            keys = cache[batch.key_slot, batch.key_index]  # [Tk, R+P]: every cached token of every sequence
+        cache.view(-1, cache.shape[-1])[batch.slot_mapping] = torch.cat([latent, k_pe], dim=-1)
+        o = q_nope.new_empty(t, h, v)
+        nd, td = batch.num_decode, batch.num_decode_tokens
+        if nd:  # absorbed path over the block table
+            s = batch.new_per_seq
+            q_lat = torch.einsum("thd,hdr->thr", q_nope[:td], a.w_uk)
+            o_lat = ops.mla_decode(q_lat.view(nd, s, h, r), q_pe[:td].view(nd, s, h, pe), cache,
+                                   batch.block_table[:nd], batch.lens[:nd], c.softmax_scale)
+            o[:td] = torch.einsum("thr,hvr->thv", o_lat.view(td, h, r), a.w_uv)
+        if nd < batch.num_seqs:  # naive path: every cached key of every prefill sequence, through its block table
+            keys = cache.view(-1, cache.shape[-1])[batch.key_slots]  # [Tk, R+P]
             tk = keys.shape[0]
             kv_full = self._linear(keys[:, :r], a.kv_b).view(tk, h, nope + v)
             k = torch.cat([kv_full[..., :nope], keys[:, None, r:].expand(tk, h, pe)], dim=-1)
-            o = ops.attention_prefill(torch.cat([q_nope, q_pe], dim=-1), k, kv_full[..., nope:], batch.cu_q,
-                                      batch.cu_k, c.softmax_scale)
+            o[td:] = ops.attention_prefill(torch.cat([q_nope[td:], q_pe[td:]], dim=-1), k, kv_full[..., nope:],
+                                           batch.prefill_cu_q, batch.prefill_cu_k, c.softmax_scale)
         return self._linear(o.reshape(t, h * v), a.o)
 
     def _layer(self, layer: Layer, h: Tensor, residual: Tensor, batch: Batch, cache: Tensor, cos: Tensor,
@@ -110,7 +124,7 @@ class Model:
 
     # -- the model -------------------------------------------------------------------------------------------------
 
-    def forward(self, batch: Batch, cache: LatentCache) -> Tensor:
+    def forward(self, batch: Batch, cache: PagedCache) -> Tensor:
         """Hidden states after the final norm, [T, D], writing the batch's latents into `cache`."""
         x = self.w.embed[batch.tokens]
         cos, sin = self.rope(batch.positions)
@@ -125,7 +139,7 @@ class Model:
         """[T, D] final hidden states -> [T, vocab] logits in the working dtype."""
         return self._linear(hidden, self.w.lm_head)
 
-    def mtp_forward(self, batch: Batch, prev_hidden: Tensor, cache: LatentCache) -> Tensor:
+    def mtp_forward(self, batch: Batch, prev_hidden: Tensor, cache: PagedCache) -> Tensor:
         """The MTP module on tokens t_j (batch.tokens) and the main model's final hidden states h_{j-1}
         (prev_hidden, [T, D]); returns its hidden states after shared_head.norm, ready for `logits`."""
         m: MTP = self.w.mtp

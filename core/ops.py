@@ -1,10 +1,14 @@
-"""The operator contract (v1): the only compute the model graph asks of a backend.
+"""The operator contract (v2): the only compute the model graph asks of a backend.
 
 Every operator is declared here once, as a signature with a docstring that fixes shapes, dtypes and invariants.
 `backends/cpu_ref` implements each one in plain PyTorch; that implementation is the executable specification, and
 every other backend is judged against it. The model graph calls these operators plus plain, device-neutral tensor
 code (indexing, cat, view, embedding lookup, cache writes, sampling, the batched matmuls that absorb `kv_b` into the
 query and output of MLA decode).
+
+v2 (from v1): `mla_decode` reads a PAGED latent cache `[num_blocks, block_size, R+P]` through a per-sequence block
+table instead of one `[N, L, R+P]` row per sequence; v1 is the special case block_size = L, block_table =
+slots[:, None]. Each backend declares the block sizes it takes in its manifest (`cache: {block_sizes: ...}`).
 
 Conventions used below:
   T  tokens in the batch          H  attention heads          R  kv_lora_rank (512 in DeepSeek-V3)
@@ -146,17 +150,24 @@ def attention_prefill(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tenso
     """
 
 
-def mla_decode(q_lat: Tensor, q_pe: Tensor, cache: Tensor, slots: Tensor, lens: Tensor, scale: float) -> Tensor:
-    """Absorbed multi-head latent attention over the latent cache.
+def mla_decode(q_lat: Tensor, q_pe: Tensor, cache: Tensor, block_table: Tensor, lens: Tensor,
+               scale: float) -> Tensor:
+    """Absorbed multi-head latent attention over the paged latent cache.
 
     q_lat: [B, S, H, R] queries already multiplied by W_UK;   q_pe: [B, S, H, P] roped query part.
-    cache: [N, L, R+P] per-layer latent cache (normalised latent first, roped key second), working dtype.
-    slots: [B] int64, the cache row of each sequence;   lens: [B] int64, tokens in the cache per sequence,
-    including the S new ones, which occupy positions lens-S .. lens-1 (S = 2 is MTP verification).
+    cache: [num_blocks, block_size, R+P] one layer's paged latent cache (normalised latent first, roped key
+           second), working dtype. Blocks belong to no sequence in particular; the table says which are whose.
+    block_table: [B, max_blocks] int32; cache position t of sequence b lives in block block_table[b, t // block_size],
+           row t % block_size. Only the first ceil(lens[b] / block_size) entries of row b are read; the rest may
+           hold anything (-1, garbage) and must not be dereferenced.
+    lens: [B] int64, tokens in the cache per sequence, including the S new ones, which occupy positions
+           lens-S .. lens-1 (S = 2 is MTP verification); lens[b] >= S.
     New token s attends causally to cache positions 0 .. lens-S+s:
-      score[t] = (q_lat . cache[t, :R] + q_pe . cache[t, R:]) * scale, softmax in float32,
-      o_lat = sum_t p[t] * cache[t, :R].
-    Returns o_lat [B, S, H, R] in q_lat.dtype. Never reads past lens.
+      score[t] = (q_lat . kv[t, :R] + q_pe . kv[t, R:]) * scale, softmax in float32,
+      o_lat = sum_t p[t] * kv[t, :R]          (kv[t] = the cache row of position t, through the table).
+    Returns o_lat [B, S, H, R] in q_lat.dtype. Never reads a cache row at or past lens[b] of its sequence, nor a
+    block the table does not name for positions < lens[b] (unused blocks may hold NaN). v1's `[N, L, R+P]` cache
+    with `slots [B]` is the special case block_size = L, block_table = slots[:, None].
     """
 
 

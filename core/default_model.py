@@ -3,7 +3,9 @@
 Every feature of the real model is on: q_lora, YaRN (factor 8, mscale 1.0), grouped noaux_tc routing (16 experts in
 4 groups, 2 groups kept, top-4) with a non-zero correction bias, a dense first layer then MoE layers with a shared
 expert (router logits ~N(0,1), so sigmoid scores are spread, not saturated near 1), FP8 e4m3fn weights with 128x128 block scales whose edge blocks are partial (intermediate 320, q_lora 96,
-kv_a 160 rows), bf16 norms/router/embeddings, and an MTP layer. Weights are scaled so activations stay O(1). The tokenizer is byte-level (core.tokenizer.ByteTokenizer).
+kv_a 160 rows), bf16 norms/router/embeddings, and an MTP layer. Weights are scaled so activations stay O(1). The tokenizer
+(core.engine.default_tokenizer, built in code) is a byte-level `tokenizers` BPE with the byte tokenizer's ids (0 BOS,
+1 EOS, 2 pad, 3 + b = byte b) plus DeepSeek-V3's chat markers as special tokens, and a DeepSeek-V3-style chat template.
 """
 
 from __future__ import annotations

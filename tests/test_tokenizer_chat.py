@@ -177,6 +177,12 @@ def test_default_tokenizer_round_trips_bytes(data):
     assert tok.encode(text) == ByteTokenizer().encode(text), "the same ids as the byte tokenizer it replaces"
 
 
+def special_token_texts() -> list[str]:
+    from core.engine.default_tokenizer import special_tokens
+
+    return special_tokens()
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.text(max_size=48))
 def test_default_tokenizer_round_trips_unicode(text):
@@ -184,8 +190,20 @@ def test_default_tokenizer_round_trips_unicode(text):
     clean = clean_text(text)
     ids = tok.encode(text)
     assert ids[0] == 0 and all(0 <= i < 512 for i in ids)
-    assert tok.decode(ids) == clean
-    assert ids == ByteTokenizer().encode(clean)
+    assert tok.decode(ids[1:], skip_special_tokens=False) == clean
+    if not any(special in clean for special in special_token_texts()):
+        assert tok.decode(ids) == clean
+        assert ids == ByteTokenizer().encode(clean)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.sampled_from(["a", "你", "🎉", "<｜User｜>", "<｜tool▁sep｜>", "<｜end▁of▁sentence｜>", "<｜"]),
+                max_size=8))
+def test_default_tokenizer_matches_special_token_text_as_tokens(pieces):
+    tok, text = load_tokenizer(None), "".join(pieces)
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids, skip_special_tokens=False) == text
+    assert tok.decode(ids) == "".join(p for p in pieces if p not in special_token_texts())
 
 
 def test_default_tokenizer_decodes_every_id_as_the_byte_tokenizer_did():

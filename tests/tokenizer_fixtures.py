@@ -64,7 +64,7 @@ def added_token(content: str) -> dict:
             "single_word": False}
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=4)
 def trained_tokenizer_json(vocab_size: int = 700, bos_post_processor: bool = True) -> str:
     """A byte-level BPE trained on CORPUS (deterministic), as tokenizer.json text."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers

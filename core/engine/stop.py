@@ -4,8 +4,10 @@
 stop string split over several tokens (or sharing a token with other text) is found. It never lets a streamed client
 see part of a stop string: the longest tail of the text that could still begin a stop string is held back until
 the next delta shows whether it does. On a match, the text up to the stop string is released (with it, if
-`include_stop`) and the matcher is done. `StopConditions` holds a request's settings, `token_stop_reason` the
-token-level ones (EOS unless `ignore_eos`, stop token ids); `core.engine.text_stream` puts them together.
+`include_stop`) and the matcher is done. Of several stop strings, the one that completes first in the text wins
+(the longer of two ending together), so the result does not depend on how the text was cut into deltas.
+`StopConditions` holds a request's settings, `token_stop_reason` the token-level ones (EOS unless `ignore_eos`, stop
+token ids); `core.engine.text_stream` puts them together.
 """
 
 from __future__ import annotations
@@ -45,10 +47,10 @@ class StopMatcher:
         if self.stopped:
             return "", True
         text = self.held + delta
-        first = None
+        first = None  # the match that completes first (then the longer one): what a character stream would see
         for s in self.stops:
             i = text.find(s)
-            if i >= 0 and (first is None or i < first[0] or (i == first[0] and len(s) > len(first[1]))):
+            if i >= 0 and (first is None or (i + len(s), i) < (first[0] + len(first[1]), first[0])):
                 first = (i, s)
         if first is not None:
             i, s = first

@@ -54,8 +54,8 @@ def token_content(value: Any, field: str, origin: str) -> str | None:
         return value
     if isinstance(value, Mapping) and isinstance(value.get("content"), str):
         return value["content"]
-    raise CheckpointError(f"{origin}: tokenizer_config.json {field} must be a string or an object with a string 'content', "
-                          f"got {str(value)[:80]!r}")
+    raise CheckpointError(f"{origin}: tokenizer_config.json {field} must be a string or an object with a string "
+                          f"'content', got {str(value)[:80]!r}")
 
 
 def _added_token(value: Any, content: str):

@@ -1,10 +1,14 @@
-"""`python -m core.run`: load a checkpoint (or the embedded default) on a backend and generate.
+"""`python -m core.run`: generate with a DeepSeek-V3-class model on any backend, through the engine.
 
-    python -m core.run [--backend NAME] [--model DIR] [--dtype bfloat16|float32] [--prompt TEXT | --prompt-ids 1,2,3]
-                       [--max-new-tokens N] [--temperature T] [--seed S] [--mtp] [--strict] [--interpret]
-                       [--simulate] [--prefill-chunk N] [--json] [--logits-out FILE.safetensors] [--list-backends]
+    python -m core.run                                      # the embedded default, cpu_ref, bfloat16, greedy
+    python -m core.run --model DIR --backend cuda --prompt "Hello" --max-new-tokens 64 --stream
+    python -m core.run --chat [--system TEXT]               # interactive, multi-turn, through the chat template
+    python -m core.run --input-file prompts.txt|.jsonl [--output-file out.jsonl]   # a batch, outputs as JSONL
+    python -m core.run --plan 8,16                          # memory per rank from config.json, loads nothing
 
-Bad input ends with one line on stderr naming what is wrong and exit status 2; set DSV3_DEBUG=1 for tracebacks.
+Sampling defaults come from the checkpoint's generation_config.json (greedy without one), then from the flags. Bad
+input ends with one line on stderr naming what is wrong and exit status 2 (set DSV3_DEBUG=1 for tracebacks); the
+cheap checks (tokenizer, prompt length, output paths) run before any weight is read.
 """
 
 from __future__ import annotations
@@ -13,20 +17,22 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import tempfile
-import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
 from core import registry
 from core.backend import RunMode
-from core.dispatch import Dispatch
 from core.errors import ContractError, UserError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_PROMPT = "DeepSeek-V3 runs on every accelerator"
+SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20, "mb": 10 ** 6,
+              "g": 1 << 30, "gib": 1 << 30, "gb": 10 ** 9}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -34,35 +40,84 @@ class OneLineParser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
+def byte_size(text: str) -> int:
+    """'2GiB', '512MiB', '1.5G' or a plain number of bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"expected a size such as 2GiB, 512MiB or 1000000, got {text!r}")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = OneLineParser(prog="python -m core.run", description="Generate with a DeepSeek-V3-class model.")
-    p.add_argument("--backend", default="cpu_ref", help="backend name (see --list-backends)")
-    p.add_argument("--model", type=Path, help="Hugging Face checkpoint directory (default: the embedded model)")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--prompt", help="prompt text")
+    p = OneLineParser(prog="python -m core.run", description="Generate with a DeepSeek-V3-class model.",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("model and backend")
+    m.add_argument("--backend", default="cpu_ref", help="backend name (see --list-backends)")
+    m.add_argument("--model", type=Path, help="Hugging Face checkpoint directory (default: the embedded model)")
+    m.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="working dtype")
+    m.add_argument("--mtp", action="store_true", help="speculative decoding with the MTP module")
+    m.add_argument("--strict", action="store_true", help="refuse a backend that leaves operators to cpu_ref")
+    m.add_argument("--interpret", action="store_true", help="run Triton kernels on the CPU (Triton interpreter)")
+    m.add_argument("--simulate", action="store_true", help="run a vendor library's emulation (CI without hardware)")
+    m.add_argument("--list-backends", action="store_true", help="list discovered backends and whether they run here")
+    m.add_argument("--plan", metavar="N[,N...]", help="print parameters, weight bytes per rank for N ranks and "
+                   "latent-cache bytes per token from config.json alone, and exit (reads no weights)")
+
+    i = p.add_argument_group("input and output")
+    g = i.add_mutually_exclusive_group()
+    g.add_argument("--prompt", help=f"prompt text (default: {DEFAULT_PROMPT!r})")
     g.add_argument("--prompt-ids", help="comma-separated token ids")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mtp", action="store_true", help="speculative decoding with the MTP module")
-    p.add_argument("--strict", action="store_true", help="refuse a backend that leaves operators to cpu_ref")
-    p.add_argument("--interpret", action="store_true", help="run Triton kernels on the CPU (Triton interpreter)")
-    p.add_argument("--simulate", action="store_true", help="run a vendor library's emulation (CI without hardware)")
-    p.add_argument("--prefill-chunk", type=int, help="prefill in chunks of N tokens")
-    p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
-    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    p.add_argument("--logits-out", type=Path, help="write float32 teacher-forced prompt logits [S, V] here")
-    p.add_argument("--list-backends", action="store_true", help="list discovered backends and whether they run here")
+    g.add_argument("--chat", action="store_true", help="interactive multi-turn chat on stdin (/reset, /exit)")
+    g.add_argument("--input-file", type=Path, help="a text file (one prompt per line) or JSONL ({\"prompt\": ...} or "
+                   "{\"messages\": [...]} per line); outputs are JSONL")
+    i.add_argument("--output-file", type=Path, help="with --input-file: write the JSONL here (default: stdout)")
+    i.add_argument("--system", help="system prompt for --chat (and for text prompts with --use-chat-template)")
+    i.add_argument("--use-chat-template", action="store_true", help="wrap --prompt / --input-file text lines in the "
+                   "chat template as one user message")
+    i.add_argument("--stream", action="store_true", help="print text as it is generated")
+    i.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    i.add_argument("--logits-out", type=Path, help="write float32 teacher-forced prompt logits [S, V] here")
+
+    s = p.add_argument_group("sampling (defaults: generation_config.json, else greedy)")
+    s.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=32,
+                   help="tokens to generate at most")
+    s.add_argument("--min-tokens", type=int, help="tokens to generate before EOS or a stop token may end it")
+    s.add_argument("--temperature", type=float, help="0 is greedy")
+    s.add_argument("--top-p", type=float, help="nucleus sampling: keep the most likely tokens up to this mass")
+    s.add_argument("--top-k", type=int, help="keep the k most likely tokens (0 or -1: all)")
+    s.add_argument("--min-p", type=float, help="keep tokens with p >= min_p * p_max")
+    s.add_argument("--repetition-penalty", type=float, help="> 1 discourages prompt and output tokens")
+    s.add_argument("--frequency-penalty", type=float, help="[-2, 2], per occurrence in the output")
+    s.add_argument("--presence-penalty", type=float, help="[-2, 2], once per token present in the output")
+    s.add_argument("--stop", action="append", help="stop string (repeatable); not included in the output")
+    s.add_argument("--stop-token-ids", help="comma-separated token ids that end generation")
+    s.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
+    s.add_argument("--seed", type=int, default=0, help="random seed of every request")
+    s.add_argument("--logprobs", type=int, help="return the sampled token's logprob and the N most likely (0-20)")
+
+    e = p.add_argument_group("engine")
+    e.add_argument("--block-size", type=int, help="cache positions per block (default: the backend's preferred)")
+    e.add_argument("--kv-cache-memory", type=byte_size, help="latent-cache budget, e.g. 2GiB (default: half of "
+                   "the free device memory, at most what --max-num-seqs full-length sequences need)")
+    e.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
+    e.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per forward pass")
+    e.add_argument("--prefill-chunk", type=int, help="prefill at most N tokens per step (sets the per-step budget)")
+    e.add_argument("--max-model-len", type=int, help="prompt + output limit (default: max_position_embeddings)")
     args = p.parse_args(argv)
-    if not math.isfinite(args.temperature) or args.temperature < 0:
+    if args.temperature is not None and (not math.isfinite(args.temperature) or args.temperature < 0):
         raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not 0 <= args.seed < 2 ** 63:
         raise UserError(f"--seed must be in [0, 2^63), got {args.seed}")
-    if args.prefill_chunk is not None and args.prefill_chunk < 1:
-        raise UserError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    for name in ("prefill_chunk", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if args.logits_out is not None and args.logits_out.suffix != ".safetensors":
         raise UserError(f"--logits-out: {args.logits_out} must end in .safetensors")
+    if args.output_file is not None and args.input_file is None:
+        raise UserError("--output-file goes with --input-file")
     return args
 
 
@@ -78,36 +133,111 @@ def list_backends(mode: RunMode) -> str:
     return "\n".join(lines)
 
 
-def parse_prompt_ids(text: str) -> list[int]:
+def parse_ids(text: str, option: str) -> list[int]:
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t != ""]
     except ValueError:
-        raise UserError(f"--prompt-ids: expected comma-separated integers, got {text!r}") from None
+        raise UserError(f"{option}: expected comma-separated integers, got {text!r}") from None
 
 
-def write_logits(path: Path, logits: torch.Tensor) -> None:
-    """Write atomically: a temporary file in the same directory, renamed into place."""
-    from safetensors.torch import save_file
+def parse_prompt_ids(text: str) -> list[int]:
+    return parse_ids(text, "--prompt-ids")
 
-    if not path.parent.is_dir():
-        raise UserError(f"--logits-out: directory {path.parent} does not exist")
+
+def check_writable(path: Path, option: str) -> None:
+    """Refuse, before any weight is read, an output path whose directory is missing or not writable."""
+    if path.is_dir():
+        raise UserError(f"{option}: {path} is a directory")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UserError(f"{option}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{option}: cannot write in {parent}")
+
+
+def write_atomically(path: Path, write, option: str) -> None:
+    """Write through a temporary file in the same directory, renamed into place only when complete."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
-        raise UserError(f"--logits-out: cannot write in {path.parent} ({e.strerror or e})") from None
+        raise UserError(f"{option}: cannot write in {path.parent} ({e.strerror or e})") from None
     os.close(fd)
     try:
-        save_file({"logits": logits.contiguous().cpu()}, tmp)
+        write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"{option}: cannot write {path} ({e.strerror or e})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
+def write_logits(path: Path, logits: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    check_writable(path, "--logits-out")
+    write_atomically(path, lambda tmp: save_file({"logits": logits.contiguous().cpu()}, tmp), "--logits-out")
+
+
+# -- inputs, checked before the weights load -----------------------------------------------------------------------
+
+def read_input_file(path: Path) -> list[dict[str, Any]]:
+    """Requests from a text file (one prompt per non-empty line) or JSONL (objects with "prompt" or "messages",
+    optionally "max_tokens", "temperature", ... as OpenAI names them)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"--input-file: cannot read {path} ({e.strerror or e})") from None
+    text = data.decode("utf-8", errors="replace")
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise UserError(f"--input-file: {path} holds no prompt")
+    if path.suffix != ".jsonl":
+        return [{"prompt": line} for _, line in lines]
+    out = []
+    for n, line in lines:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"--input-file: {path} line {n}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or ("prompt" in obj) == ("messages" in obj):
+            raise UserError(f"--input-file: {path} line {n}: expected an object with either \"prompt\" or "
+                            "\"messages\"")
+        out.append(obj)
+    return out
+
+
+REQUEST_FIELDS = {"max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
+                  "presence_penalty", "stop", "stop_token_ids", "ignore_eos", "seed", "logprobs", "min_tokens"}
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(max_tokens=args.max_new_tokens or None, min_tokens=args.min_tokens, temperature=args.temperature,
+                top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty, stop=args.stop,
+                stop_token_ids=parse_ids(args.stop_token_ids, "--stop-token-ids") if args.stop_token_ids else None,
+                ignore_eos=args.ignore_eos or None, seed=args.seed, logprobs=args.logprobs)
+
+
+def engine_config(args: argparse.Namespace):
+    from core.engine.engine import EngineConfig
+
+    width = 2 if args.mtp else 1
+    budget, seqs = args.max_num_batched_tokens, args.max_num_seqs
+    if args.prefill_chunk is not None:
+        if args.prefill_chunk < width:
+            raise UserError(f"--prefill-chunk must be >= {width} with{'' if args.mtp else 'out'} --mtp, "
+                            f"got {args.prefill_chunk}")
+        budget, seqs = args.prefill_chunk, min(seqs, args.prefill_chunk // width)
+    return EngineConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, max_num_seqs=seqs,
+                        max_num_batched_tokens=max(budget, seqs * width), max_model_len=args.max_model_len,
+                        mtp=args.mtp)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from core.config import ModelConfig
     from core.default_model import load_default
-    from core.generate import Generator
-    from core.model import Model
+    from core.engine.llm import LLM, default_sampling
     from core.tokenizer import for_checkpoint
 
     args = parse_args(argv)
@@ -115,71 +245,208 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_backends:
         print(list_backends(mode))
         return 0
-    backend, avail = registry.activate(args.backend, mode)
-    reference = registry.load(registry.REFERENCE)
-    ops = Dispatch(backend, reference, strict=args.strict, numerics=avail.numerics)
-    dtype = DTYPES[args.dtype]
+    cfg = load_default().config if args.model is None else ModelConfig.from_file(args.model / "config.json")
+    if args.plan is not None:
+        from core.plan import format_plan, plan
 
-    t0 = time.perf_counter()
-    source = load_default() if args.model is None else args.model
-    model = Model.load(source, ops, avail.device, dtype, with_mtp=args.mtp)
-    load_seconds = time.perf_counter() - t0
-    cfg = model.cfg
-    tokenizer = for_checkpoint(args.model, cfg.bos_token_id)
-    if args.prompt_ids is not None:
-        prompt_ids = parse_prompt_ids(args.prompt_ids)
-    else:
-        if tokenizer is None:
-            raise UserError(f"--prompt: {args.model} has no tokenizer.json; pass --prompt-ids")
-        prompt_ids = tokenizer.encode(args.prompt if args.prompt is not None else DEFAULT_PROMPT)
+        worlds = parse_ids(args.plan, "--plan")
+        if not worlds or min(worlds) < 1:
+            raise UserError(f"--plan: rank counts must be >= 1, got {args.plan!r}")
+        print(format_plan(plan(cfg), worlds, "fp8" if cfg.fp8 else "bf16", "bfloat16", None))
+        return 0
 
-    gen = Generator(model, args.prefill_chunk)
-    gen.check([prompt_ids], args.max_new_tokens)
+    # Cheap checks, before any weight is read.
+    tokenizer = for_checkpoint(args.model)
+    params = default_sampling(args.model, **sampling_overrides(args))
+    if args.output_file is not None:
+        check_writable(args.output_file, "--output-file")
     if args.logits_out is not None:
-        write_logits(args.logits_out, gen.teacher_forced_logits(prompt_ids))
-    result = gen.generate([prompt_ids], args.max_new_tokens, args.temperature, args.seed, mtp=args.mtp,
-                          stop_at_eos=not args.ignore_eos)
-    output = result.output_ids[0]
-    text = tokenizer.decode(output) if tokenizer is not None else None
+        check_writable(args.logits_out, "--logits-out")
+    jobs = prepare_jobs(args, tokenizer, cfg)
+    limit = args.max_model_len or cfg.max_position_embeddings
+    for ids, _ in jobs:
+        if len(ids) + args.max_new_tokens > limit:
+            raise UserError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceed the "
+                            f"context length ({limit} tokens) of {cfg.source}")
+    registry.activate(args.backend, mode)  # an unavailable backend fails here, before the weights load
 
+    llm = LLM(args.model, backend=args.backend, dtype=args.dtype, strict=args.strict, interpret=args.interpret,
+              simulate=args.simulate, engine=engine_config(args), tokenizer=tokenizer)
+    if args.chat:
+        return chat_loop(llm, params, args)
+    if args.input_file is not None:
+        return run_batch(llm, params, jobs, args)
+    return run_one(llm, params, jobs[0][0], args)
+
+
+def prepare_jobs(args: argparse.Namespace, tokenizer, cfg) -> list[tuple[list[int], dict[str, Any]]]:
+    """(prompt ids, per-request overrides) of every request, encoded now so a bad prompt fails before loading."""
+    def need_tokenizer(what: str):
+        if tokenizer is None:
+            raise UserError(f"{what}: {args.model} has no tokenizer.json; pass --prompt-ids")
+
+    def text_prompt(text: str) -> list[int]:
+        need_tokenizer("--prompt")
+        if args.use_chat_template:
+            return tokenizer.apply_chat_template(system_messages(args.system) + [{"role": "user", "content": text}])
+        return tokenizer.encode(text)
+
+    jobs: list[tuple[list[int], dict[str, Any]]] = []
+    if args.chat:
+        need_tokenizer("--chat")
+        tokenizer.require_chat_template()
+        return jobs
+    if args.input_file is not None:
+        for n, obj in enumerate(read_input_file(args.input_file), 1):
+            unknown = sorted(set(obj) - REQUEST_FIELDS - {"prompt", "messages", "id"})
+            if unknown:
+                raise UserError(f"--input-file: request {n}: unknown field {unknown[0]!r}")
+            if "messages" in obj:
+                need_tokenizer("--input-file")
+                ids = tokenizer.apply_chat_template(obj["messages"])
+            elif isinstance(obj["prompt"], list):
+                ids = [int(t) for t in obj["prompt"]]
+            else:
+                ids = text_prompt(str(obj["prompt"]))
+            jobs.append((ids, {k: v for k, v in obj.items() if k in REQUEST_FIELDS | {"id"}}))
+    elif args.prompt_ids is not None:
+        jobs.append((parse_prompt_ids(args.prompt_ids), {}))
+    else:
+        jobs.append((text_prompt(args.prompt if args.prompt is not None else DEFAULT_PROMPT), {}))
+    vocab = cfg.vocab_size
+    for ids, _ in jobs:
+        if not ids:
+            raise UserError("the prompt is empty")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise UserError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    return jobs
+
+
+def system_messages(system: str | None) -> list[dict[str, str]]:
+    return [{"role": "system", "content": system}] if system else []
+
+
+# -- the three ways to run -----------------------------------------------------------------------------------------
+
+def run_one(llm, params, prompt_ids: list[int], args: argparse.Namespace) -> int:
+    from core.generate import Generator
+
+    if args.logits_out is not None:
+        write_logits(args.logits_out, Generator(llm.model).teacher_forced_logits(prompt_ids))
+    if args.max_new_tokens == 0:
+        final = None
+    else:
+        final = None
+        for out in llm.stream(prompt_ids, params):
+            if args.stream and out.new_text:
+                print(out.new_text, end="", flush=True)
+            final = out
+        if args.stream:
+            print()
+    output = final.token_ids if final is not None else []
+    text = final.text if final is not None else ""
+    ttft = final.time_to_first_token if final is not None else None
+    prefill_tps = len(prompt_ids) / ttft if ttft else 0.0
+    decode_s = (final.seconds - ttft) if final is not None and ttft else 0.0
+    decode_tps = (len(output) - 1) / decode_s if decode_s > 0 and len(output) > 1 else 0.0
+    cfg, dtype = llm.model.cfg, llm.model.dtype
     report = {
-        "backend": backend.name,
-        "device": str(avail.device),
+        "backend": llm.backend.name,
+        "device": str(llm.device),
         "dtype": args.dtype,
         "model": str(args.model) if args.model else "embedded default",
-        "dispatch": ops.table(),
+        "dispatch": llm.ops.table(),
         "prompt_ids": prompt_ids,
         "output_ids": output,
-        "text": text,
-        "prefill_tokens_per_s": round(result.prefill_tokens_per_s, 2),
-        "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
-        "load_seconds": round(load_seconds, 3),
+        "text": text if llm.tokenizer is not None else None,
+        "finish_reason": final.finish_reason if final is not None else "length",
+        "prefill_tokens_per_s": round(prefill_tps, 2),
+        "decode_tokens_per_s": round(decode_tps, 2),
+        "load_seconds": round(llm.load_seconds, 3),
         "latent_cache_bytes_per_token_per_layer": cfg.latent_width * torch.finfo(dtype).bits // 8,
+        "cache": {"block_size": llm.engine.block_size, "blocks": llm.engine.pool.num_blocks,
+                  "peak_blocks_used": llm.engine.stats.peak_blocks_used},
         "interpret": args.interpret,
         "simulate": args.simulate,
-        "notes": model.w.notes,
+        "notes": llm.model.w.notes,
     }
+    if final is not None and final.logprobs is not None:
+        report["logprobs"] = [{"token": t.token, "logprob": t.logprob, "top": t.top} for t in final.logprobs]
     if args.mtp:
-        report["mtp"] = {"proposed": result.mtp_proposed, "accepted": result.mtp_accepted,
-                         "acceptance": round(result.mtp_accepted / result.mtp_proposed, 4)
-                         if result.mtp_proposed else None}
+        proposed, accepted = (final.drafts_proposed, final.drafts_accepted) if final is not None else (0, 0)
+        report["mtp"] = {"proposed": proposed, "accepted": accepted,
+                         "acceptance": round(accepted / proposed, 4) if proposed else None}
     if args.logits_out is not None:
         report["logits_out"] = str(args.logits_out)
 
-    print(f"backend {backend.name} on {avail.device} ({args.dtype}); model: {report['model']}")
-    print(ops.format_table())
-    for note in model.w.notes:
+    print(f"backend {llm.backend.name} on {llm.device} ({args.dtype}); model: {report['model']}")
+    print(llm.ops.format_table())
+    for note in llm.model.w.notes:
         print(f"note: {note}")
     print(f"prompt: {len(prompt_ids)} tokens; generated {len(output)} tokens")
     print(f"output ids: {output}")
-    if text is not None:
+    if llm.tokenizer is not None:
         print(f"text: {text!r}")
-    line = f"prefill {result.prefill_tokens_per_s:.1f} tokens/s, decode {result.decode_tokens_per_s:.1f} tokens/s"
+    line = f"prefill {prefill_tps:.1f} tokens/s, decode {decode_tps:.1f} tokens/s"
     if args.mtp:
-        line += f", MTP accepted {result.mtp_accepted}/{result.mtp_proposed} drafts"
+        line += f", MTP accepted {report['mtp']['accepted']}/{report['mtp']['proposed']} drafts"
     print(line)
     if args.json:
         print(json.dumps(report))
+    return 0
+
+
+def run_batch(llm, params, jobs, args: argparse.Namespace) -> int:
+    """Every request of --input-file in one continuous batch; one JSON line per request, in input order."""
+    per_request = [params.merged(**{k: v for k, v in extra.items() if k != "id"}) for _, extra in jobs]
+    outs = llm.generate([ids for ids, _ in jobs], per_request)
+    lines = []
+    for n, ((ids, extra), out) in enumerate(zip(jobs, outs)):
+        lines.append(json.dumps({"id": extra.get("id", n), "prompt_ids": ids, "output_ids": out.token_ids,
+                                 "text": out.text if llm.tokenizer is not None else None,
+                                 "finish_reason": out.finish_reason}, ensure_ascii=False))
+    body = "\n".join(lines) + "\n"
+    if args.output_file is None:
+        sys.stdout.write(body)
+    else:
+        write_atomically(args.output_file, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"), "--output-file")
+        print(f"wrote {len(lines)} outputs to {args.output_file}", file=sys.stderr)
+    return 0
+
+
+def input_lines(prompt: str) -> Iterator[str]:
+    while True:
+        if sys.stdin.isatty():
+            print(prompt, end="", flush=True, file=sys.stderr)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        yield line.rstrip("\n")
+
+
+def chat_loop(llm, params, args: argparse.Namespace) -> int:
+    """Multi-turn chat on stdin: each line is a user turn; the reply streams to stdout, then a blank line.
+    `/reset` forgets the history (the system prompt stays), `/exit` or end of input ends."""
+    history = system_messages(args.system)
+    print(f"chat with {args.model or 'the embedded default'} on {llm.backend.name} ({args.dtype}); "
+          "/reset clears the history, /exit ends", file=sys.stderr)
+    for line in input_lines("> "):
+        text = line.strip()
+        if not text:
+            continue
+        if text == "/exit":
+            break
+        if text == "/reset":
+            history = system_messages(args.system)
+            continue
+        history.append({"role": "user", "content": line})
+        reply = ""
+        for out in llm.stream(params=params, messages=history):
+            print(out.new_text, end="", flush=True)
+            reply = out.text
+        print("\n", flush=True)
+        history.append({"role": "assistant", "content": reply})
     return 0
 
 

@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from core.engine import sampling
 from core.engine.generation_config import read_json_object
 from core.engine.sampling import (GREEDY_BELOW, InvalidLogits, RequestSampler, SamplingParams, accept,
                                   invalid_rows, process, process_logits, sample, token_logprobs)
@@ -55,17 +56,17 @@ def reference_row(logits: torch.Tensor, p: SamplingParams, prompt: list[int], ou
         return {i: v / s for i, v in w.items()}
 
     if p.top_p < 1:
-        pr, before, kept = probs_of(keep), 0.0, []
+        pr, before, last = probs_of(keep), 0.0, None
         for i in keep:
             margin = min(margin, abs(before - p.top_p))
             if before < p.top_p:
-                kept.append(i)
+                last = i
             before += pr[i]
-        keep = kept
+        keep = [i for i in keep if x[i] >= x[last]]  # every token tied with the last one kept stays
     if p.min_p > 0:
         pr = probs_of(keep)
         top = max(pr.values())
-        margin = min(margin, min(abs(v / top - p.min_p) / p.min_p for v in pr.values()))
+        margin = min([margin] + [abs(v / top - p.min_p) / p.min_p for v in pr.values() if v < top])
         keep = [i for i in keep if pr[i] >= p.min_p * top]
     pr = probs_of(keep)
     out = [math.log(pr[i]) if i in pr else NEG for i in range(vocab)]
@@ -102,11 +103,14 @@ CASES = {
     "temperature 1.7": dict(temperature=1.7),
     "top_k 1": dict(top_k=1),
     "top_k 5": dict(top_k=5, temperature=0.8),
+    "top_k 20 (beyond a top-8 prefix)": dict(top_k=20),
     "top_k -1 (off)": dict(top_k=-1),
     "top_p 0.3": dict(top_p=0.3),
+    "top_p 0.98 (beyond a top-8 prefix)": dict(top_p=0.98, temperature=1.5),
     "top_p 0.9 at T 0.6": dict(top_p=0.9, temperature=0.6),
     "min_p 0.1": dict(min_p=0.1),
     "min_p 0.02 at T 2": dict(min_p=0.02, temperature=2.0),
+    "min_p 1 (the most likely only)": dict(min_p=1.0),
     "repetition 1.5": dict(repetition_penalty=1.5),
     "repetition 0.7": dict(repetition_penalty=0.7),
     "frequency 0.8": dict(frequency_penalty=0.8),
@@ -120,8 +124,16 @@ CASES = {
 }
 
 
+@pytest.fixture(params=["full sort", "top-8 prefix"])
+def prefix(request, monkeypatch):
+    """top_k / top_p judged on a full sort, or on the 8 largest values first (the path a real vocabulary takes)."""
+    if request.param == "top-8 prefix":
+        monkeypatch.setattr(sampling, "TOP_PREFIX", 8)
+    return request.param
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_each_processor_matches_the_reference(case):
+def test_each_processor_matches_the_reference(case, prefix):
     g = torch.Generator().manual_seed(fresh_seed())
     params = [SamplingParams(**CASES[case]).validate()] * 4
     logits, hist, want = draw_case(g, params)
@@ -129,7 +141,7 @@ def test_each_processor_matches_the_reference(case):
     assert_matches_reference(got, want)
 
 
-def test_a_batch_of_rows_with_different_params_matches_the_reference_row_by_row():
+def test_a_batch_of_rows_with_different_params_matches_the_reference_row_by_row(prefix):
     g = torch.Generator().manual_seed(fresh_seed())
     names = list(CASES)
     params = [SamplingParams(**CASES[names[int(i)]]) for i in torch.randint(0, len(names), (16,), generator=g)]
@@ -163,9 +175,9 @@ def test_stateful_process_equals_the_stateless_form_with_extra_tokens():
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2 ** 32 - 1),
-       temperature=st.one_of(st.just(0.0), st.floats(1e-30, 1e-5), st.floats(1e-5, 100.0)),
+       temperature=st.one_of(st.just(0.0), st.floats(1e-30, 1e-5), st.floats(1e-5, 1e300)),
        top_p=st.floats(1e-6, 1.0).filter(lambda v: v > 0), top_k=st.integers(-1, 80),
-       min_p=st.floats(0.0, 1.0), repetition=st.floats(0.01, 100.0), frequency=st.floats(-2.0, 2.0),
+       min_p=st.floats(0.0, 1.0), repetition=st.floats(1e-300, 1e300), frequency=st.floats(-2.0, 2.0),
        presence=st.floats(-2.0, 2.0), scale=st.floats(1e-3, 1e30))
 def test_processed_rows_are_always_distributions(seed, temperature, top_p, top_k, min_p, repetition, frequency,
                                                  presence, scale):
@@ -201,11 +213,31 @@ def test_a_tiny_temperature_is_greedy(temperature):
 
 def test_the_smallest_sampled_temperature_gives_a_finite_distribution():
     g = torch.Generator().manual_seed(fresh_seed())
-    logits = torch.randn(4, 100, generator=g) * torch.tensor([1, 1e-3, 1e10, 1e30])[:, None]
-    lp = process_logits(logits, [SamplingParams(temperature=GREEDY_BELOW)] * 4, [[]] * 4, [[]] * 4)
+    scales = torch.tensor([1, 1e-3, 1e10, 1e30, 1e38])[:, None]  # the last overflows unless the max comes off first
+    logits = torch.randn(5, 100, generator=g).clamp(-3, 3) * scales
+    lp = process_logits(logits, [SamplingParams(temperature=GREEDY_BELOW)] * 5, [[]] * 5, [[]] * 5)
     assert not torch.isnan(lp).any()
-    torch.testing.assert_close(lp.double().exp().sum(-1), torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(lp.double().exp().sum(-1), torch.ones(5, dtype=torch.float64), rtol=0, atol=1e-5)
     assert torch.equal(lp.argmax(-1), logits.argmax(-1))
+
+
+def test_top_k_and_top_p_keep_every_token_tied_with_the_last_one_kept():
+    """Thresholds on the value: the kept set does not depend on where tied tokens sit in the vocabulary."""
+    base = torch.tensor([4.0, 2.0, 2.0, 2.0, 0.0, -1.0])  # probs ~ .70 .095 .095 .095 .013 .005
+    for params, kept in ((SamplingParams(top_k=2), {0, 1, 2, 3}), (SamplingParams(top_p=0.8), {0, 1, 2, 3}),
+                         (SamplingParams(top_p=0.6), {0})):
+        for perm in (torch.arange(6), torch.tensor([3, 5, 0, 2, 4, 1])):
+            lp = process_logits(base[perm][None], [params], [[]], [[]])[0]
+            assert {int(perm[i]) for i in torch.isfinite(lp).nonzero().flatten()} == kept, params
+
+
+@pytest.mark.parametrize("top_p", [1 - 1e-9, 1 - 6e-8, 1 - 2e-7])
+def test_top_p_just_below_one_never_undoes_top_k(prefix, top_p):
+    """The top_k tokens' mass, summed in float32, may fall short of a top_p this close to 1: the cut still holds."""
+    g = torch.Generator().manual_seed(fresh_seed())
+    lp = process_logits(torch.randn(64, 64, generator=g), [SamplingParams(top_k=3, top_p=top_p)] * 64,
+                        [[]] * 64, [[]] * 64)
+    assert (torch.isfinite(lp).sum(-1) == 3).all()
 
 
 def test_greedy_ties_take_the_first_index():
@@ -239,7 +271,9 @@ def test_min_tokens_bans_stop_ids_until_enough_tokens_are_out():
     logits = torch.zeros(1, 8)
     logits[0, 1] = logits[0, 3] = 10.0
     assert torch.isinf(process(logits, [r])[0, [1, 3]]).all()
-    assert r.append(1) is None and r.append(6) is None  # a stop id before min_tokens does not end the request
+    assert r.append(1) is None  # a stop id before min_tokens does not end the request
+    assert torch.isinf(process(logits, [r])[0, [1, 3]]).all()  # one token out: still banned
+    assert r.append(6) is None
     assert torch.isfinite(process(logits, [r])[0, [1, 3]]).all()
     assert r.append(3) == "stop"
     r2 = RequestSampler(SamplingParams(max_tokens=2, eos_token_ids=(1,), ignore_eos=True), [5], 8)
@@ -289,8 +323,12 @@ def test_speculative_acceptance_reproduces_the_target_exactly():
     g = torch.Generator().manual_seed(fresh_seed())
     vocab, n_rows, n_steps = 12, 500, 40
     pp, qp = SamplingParams(temperature=0.9, top_p=0.8), SamplingParams(temperature=1.3, top_k=5)
-    p = process_logits(torch.randn(1, vocab, generator=g) * 2, [pp], [[]], [[]])[0]
-    q = process_logits(torch.randn(1, vocab, generator=g) * 2, [qp], [[]], [[]])[0]
+    while True:  # supports that overlap only in part, p's of at least 3 tokens
+        p = process_logits(torch.randn(1, vocab, generator=g) * 1.5, [pp], [[]], [[]])[0]
+        q = process_logits(torch.randn(1, vocab, generator=g) * 1.5, [qp], [[]], [[]])[0]
+        sp, sq = torch.isfinite(p), torch.isfinite(q)
+        if sp.sum() >= 3 and (sp & ~sq).any() and (sq & ~sp).any():
+            break
     rows = [RequestSampler(pp, [], vocab) for _ in range(n_rows)]
     counts, accepted = torch.zeros(vocab, dtype=torch.float64), 0
     for _ in range(n_steps):
@@ -431,6 +469,9 @@ def test_generation_config_gives_defaults_and_explicit_fields_win(tmp_path):
     assert (greedy.greedy, greedy.top_k, greedy.repetition_penalty, greedy.max_tokens, greedy.eos_token_ids) == \
         (True, 40, 1.1, 9, (1, 2))
     assert SamplingParams.from_generation_config({"do_sample": False}, temperature=0.8).temperature == 0.8
+    model = SamplingParams(eos_token_ids=(5,), max_tokens=100)  # the layer below: the model's config.json
+    assert SamplingParams.from_generation_config({"temperature": 0.3}, model).eos_token_ids == (5,)
+    assert SamplingParams.from_generation_config({"eos_token_id": [6, 7]}, model).eos_token_ids == (6, 7)
     (tmp_path / "bare").mkdir()
     assert SamplingParams.from_generation_config(tmp_path / "bare") == SamplingParams()  # none there: no defaults
 

@@ -89,19 +89,19 @@ def sampling_defaults(source: str | os.PathLike | dict[str, Any]) -> tuple[dict[
         out["max_tokens"] = data["max_new_tokens"]
     if "do_sample" in data:
         if not isinstance(data["do_sample"], bool):
-            raise CheckpointError(f"{name}: do_sample must be true or false, got {_short(data['do_sample'])}")
+            raise CheckpointError(f"{name}: do_sample must be true or false, got {short_repr(data['do_sample'])}")
         if not data["do_sample"]:
             out["temperature"] = 0.0
     eos = data.get("eos_token_id")
     if eos is not None:
         ids = eos if isinstance(eos, list) else [eos]
         if not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ids):
-            raise CheckpointError(f"{name}: eos_token_id must be a token id or a list of them, got {_short(eos)}")
+            raise CheckpointError(f"{name}: eos_token_id must be a token id or a list of them, got {short_repr(eos)}")
         out["eos_token_ids"] = tuple(ids)
     return out, name
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def short_repr(value: Any, limit: int = 60) -> str:
     """repr(value), cut to `limit` characters: escaped, so a value from a file cannot add a line to a message."""
     r = repr(value)
     return r if len(r) <= limit else r[: limit - 3] + "..."

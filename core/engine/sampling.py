@@ -11,15 +11,22 @@ One decode step of the engine, for B rows (a request may own several rows, e.g. 
 
 `rows[i]` is the RequestSampler of row i; `extra[i]` lists tokens to treat as already emitted by that row (the
 draft, when judging the bonus position of an MTP verify step), so each row is processed with its own history up to
-its own position.
+its own position. An MTP verify step for requests R (pending token already appended, draft d_r drawn with
+`sample(q, R)` from q = `process(mtp_logits, R)`):
+
+    p = process(verify_logits [2n, V], [r for r in R for _ in (0, 1)], [e for r in R for e in ([], [d_r])])
+    ok, tok = accept(p[0::2], q, drafts, R)     # tok = the draft where ok, else the replacement
+    bonus = sample(p[1::2], R)                  # used for the rows where ok (draw it only for those, to save work)
 
 Processing order (the distribution actually sampled from), each step a tensor op over the rows that need it:
   min_tokens (stop and EOS ids banned while fewer than `min_tokens` tokens are out) -> repetition penalty (prompt and
   output tokens: positive logits divided, others multiplied, as transformers and vLLM do) -> frequency and presence
   penalties (output tokens only, as OpenAI and vLLM: logit -= f * count + p * [count > 0]) -> temperature ->
   top_k (keeps every token tied with the k-th largest, as transformers and vLLM do) -> top_p (the smallest set of
-  most likely tokens whose probability reaches top_p; the most likely token is always kept) -> min_p (keeps tokens
-  with p >= min_p * p_max) -> log_softmax.
+  most likely tokens whose probability reaches top_p, the most likely token always kept, and tokens tied with the
+  last one kept kept too, so the set never depends on token order; transformers and vLLM cut ties by sort order)
+  -> min_p (keeps tokens with p >= min_p * p_max) -> log_softmax. top_k and top_p look at the TOP_PREFIX largest
+  values (torch.topk) and fall back to a full sort only for rows those do not settle.
 
 Greedy rows (temperature < GREEDY_BELOW, which includes 0; the same cut-off vLLM uses, and the floor DeepSeek's demo
 puts under its temperature) get the one-hot distribution of the argmax of their penalised logits (first index on
@@ -43,12 +50,14 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from core.engine.generation_config import _short, sampling_defaults
+from core.engine.generation_config import short_repr, sampling_defaults
 from core.errors import CheckpointError, UserError
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy
+TOP_PREFIX = 1024  # top_k / top_p look at this many largest values first (a full sort of V only when they do not do)
 MAX_LOGPROBS = 20  # the most top logprobs a request may ask for (OpenAI's limit)
 _INT64_MIN, _UINT64_MAX = -(2 ** 63), 2 ** 64 - 1  # the seeds torch.Generator.manual_seed takes
+_TINY, _HUGE = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
 
 
 class InvalidLogits(ValueError):
@@ -126,7 +135,7 @@ class SamplingParams:
         prefix = f"{source}: " if source else ""
 
         def bad(name: str, rule: str) -> None:
-            raise error(f"{prefix}{name} must be {rule}, got {_short(getattr(self, name))}")
+            raise error(f"{prefix}{name} must be {rule}, got {short_repr(getattr(self, name))}")
 
         def real(name: str, ok, rule: str) -> None:
             v = getattr(self, name)
@@ -166,7 +175,7 @@ class SamplingParams:
         for name in ("stop_token_ids", "eos_token_ids"):
             out = [t for t in getattr(self, name) if t >= vocab_size]
             if out:
-                raise UserError(f"{name} {_short(out)} are outside the vocabulary [0, {vocab_size})")
+                raise UserError(f"{name} {short_repr(out)} are outside the vocabulary [0, {vocab_size})")
         return self
 
     # -- construction -----------------------------------------------------------------------------------------------
@@ -177,17 +186,19 @@ class SamplingParams:
         known = {f.name for f in fields(self)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise UserError(f"unknown sampling option {_short(unknown[0])} (known: {', '.join(sorted(known))})")
+            raise UserError(f"unknown sampling option {short_repr(unknown[0])} (known: {', '.join(sorted(known))})")
         return replace(self, **{k: v for k, v in overrides.items() if v is not None}).validate()
 
     @classmethod
     def from_generation_config(cls, source: str | os.PathLike | dict | None = None,
-                               **overrides: Any) -> "SamplingParams":
-        """Defaults from a checkpoint's generation_config.json (a file, a checkpoint directory, or a parsed dict;
-        None for none), then the explicit `overrides` (CLI flags or request fields; None = not given) win.
+                               base: "SamplingParams | None" = None, **overrides: Any) -> "SamplingParams":
+        """Three layers, each overriding the one before: `base` (default SamplingParams(); the engine passes
+        SamplingParams(eos_token_ids=model config's eos ids)), then a checkpoint's generation_config.json (a file,
+        a checkpoint directory, or a parsed dict; None for none), then the explicit `overrides` (CLI flags or
+        request fields; None = not given).
 
         A bad value in the file raises CheckpointError naming the file and field; a bad override, UserError."""
-        base = cls()
+        base = base if base is not None else cls()
         if source is not None:
             defaults, name = sampling_defaults(source)
             try:
@@ -261,9 +272,9 @@ def _id_counts(ids: Sequence[int], vocab: int, device) -> Tensor:
 # -- processing -----------------------------------------------------------------------------------------------------
 
 def invalid_rows(logits: Tensor) -> list[int]:
-    """Rows of `logits` [B, V] that cannot be sampled from: any NaN or +inf, or no finite value."""
-    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1)
-    return bad.nonzero().flatten().tolist()
+    """Rows of `logits` [B, V] that cannot be sampled from: any NaN or +inf, or no finite value (one pass: the row
+    maximum is NaN, +inf or -inf exactly then, since torch's max propagates NaN)."""
+    return (~torch.isfinite(logits.amax(dim=-1))).nonzero().flatten().tolist()
 
 
 def _raise_invalid(logits: Tensor, rows: list[int], when: str) -> None:
@@ -307,15 +318,15 @@ def _process(logits: Tensor, params: Sequence[SamplingParams], num_outputs: Sequ
     if penalty_rows:
         pr = torch.tensor(penalty_rows, device=dev)
         sub = x[pr]
-        rep = _col([params[r].repetition_penalty for r in penalty_rows], dev)
+        rep = _col([params[r].repetition_penalty for r in penalty_rows], dev).clamp(_TINY, _HUGE)  # 0/inf in fp32
         freq = _col([params[r].frequency_penalty for r in penalty_rows], dev)
         pres = _col([params[r].presence_penalty for r in penalty_rows], dev)
         seen = prompt_mask | (counts > 0)
         sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
         sub = sub - freq * counts - pres * (counts > 0).float()
-        x[pr] = sub
+        x[pr] = sub.clamp(max=_HUGE)  # a tiny penalty may overflow a seen token to +inf: it stays the most likely
         bad = invalid_rows(x)
-        if bad:  # an extreme penalty (e.g. 1e-40, 0 in float32) can overflow
+        if bad:  # every token seen and pushed to -inf by a huge penalty
             _raise_invalid(x, bad, "after the penalties")
 
     out = torch.empty_like(x)
@@ -335,25 +346,64 @@ def _process(logits: Tensor, params: Sequence[SamplingParams], num_outputs: Sequ
 def _truncated_logprobs(x: Tensor, params: Sequence[SamplingParams]) -> Tensor:
     """Temperature -> top_k -> top_p -> min_p -> log_softmax for sampled rows; x [n, V] float32, finite maxima."""
     dev, vocab = x.device, x.shape[1]
-    x = (x - x.max(dim=-1, keepdim=True).values) / _col([p.temperature for p in params], dev)  # max is now 0
-
+    temps = _col([p.temperature for p in params], dev).clamp(max=_HUGE)  # above fp32's range: inf, and -inf/inf
+    x = (x - x.amax(dim=-1, keepdim=True)) / temps  # the max is now 0
     trunc = [i for i, p in enumerate(params) if 0 < p.top_k < vocab or p.top_p < 1]
-    if trunc:
+    if len(trunc) == len(params):
+        x = x.masked_fill(x < _keep_threshold(x, params), -math.inf)
+    elif trunc:
         t = torch.tensor(trunc, device=dev)
-        vals, idx = x[t].sort(dim=-1, descending=True, stable=True)
-        k = torch.tensor([params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in trunc], device=dev)
-        kth = vals.gather(1, (k - 1)[:, None])
-        vals = vals.masked_fill(vals < kth, -math.inf)
-        top_p = _col([params[i].top_p for i in trunc], dev)
-        probs = torch.softmax(vals, dim=-1)
-        before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely tokens
-        vals = vals.masked_fill((before >= top_p) & (top_p < 1), -math.inf)
-        x[t] = torch.full_like(vals, -math.inf).scatter(1, idx, vals)
-
+        xt = x[t]
+        x[t] = xt.masked_fill(xt < _keep_threshold(xt, [params[i] for i in trunc]), -math.inf)
     if any(p.min_p > 0 for p in params):
         floor = _col([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params], dev)
         x = x.masked_fill(x < floor, -math.inf)
     return torch.log_softmax(x, dim=-1)
+
+
+def _keep_threshold(x: Tensor, params: Sequence[SamplingParams]) -> Tensor:
+    """[n, 1]: the smallest value top_k and top_p keep in each row of x [n, V] (temperature applied).
+
+    Both are thresholds on the value, so tokens tied with the last kept one are kept too, whatever their order
+    (top_k as transformers and vLLM; top_p the same way, which differs from an index-ordered cut only at exact
+    ties). Rows are judged on their TOP_PREFIX largest values (torch.topk, not a full sort of V) whenever those
+    hold top_k and reach top_p's mass; the others get a full sort. The result is the same either way."""
+    dev, vocab = x.device, x.shape[1]
+    ks = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params], device=dev)
+    top_p = _col([p.top_p for p in params], dev)
+    out = torch.empty(len(params), 1, device=dev)
+    short = min(TOP_PREFIX, vocab)
+    rows = torch.arange(len(params), device=dev)
+    if short < vocab:
+        fits = [i for i, p in enumerate(params) if 0 < p.top_k <= short or p.top_k >= vocab or p.top_k <= 0]
+        rows = torch.tensor(fits, device=dev, dtype=torch.long)
+        if fits:
+            xf = x if len(fits) == len(params) else x[rows]
+            thr, covered = _threshold_on(xf, xf.topk(short, dim=-1).values, ks[rows], top_p[rows])
+            out[rows] = thr
+            rows = rows[~covered]
+        rest = sorted(set(range(len(params))) - set(fits))
+        rows = torch.cat([rows, torch.tensor(rest, device=dev, dtype=torch.long)])
+    if len(rows):
+        xs = x[rows]
+        out[rows] = _threshold_on(xs, xs.sort(dim=-1, descending=True).values, ks[rows], top_p[rows])[0]
+    return out
+
+
+def _threshold_on(x: Tensor, vals: Tensor, ks: Tensor, top_p: Tensor) -> tuple[Tensor, Tensor]:
+    """(threshold [n, 1], covered bool [n]) from the largest values `vals` [n, K] (descending) of rows x [n, V]:
+    covered says the K values settle the row (its top_k is within K, and their mass reaches top_p)."""
+    big = vals.shape[1]
+    kth = torch.where(ks[:, None] <= big, vals.gather(1, (ks.clamp(max=big) - 1)[:, None]), -math.inf)
+    kept = x.masked_fill(x < kth, -math.inf) if bool((ks < x.shape[1]).any()) else x
+    log_total = torch.logsumexp(kept, dim=-1, keepdim=True)  # normaliser of the top_k distribution
+    probs = torch.exp(vals.masked_fill(vals < kth, -math.inf) - log_total)
+    cum = torch.cumsum(probs, dim=-1)
+    n_keep = ((cum - probs) < top_p).sum(-1, keepdim=True)  # tokens whose more likely ones have < top_p mass
+    thr = torch.where(top_p < 1, torch.maximum(vals.gather(1, n_keep - 1), kth), kth)
+    top_k_within = (ks <= big) | (ks >= x.shape[1])  # the k-th value is among vals, or there is no top_k
+    covered = top_k_within & ((top_p[:, 0] >= 1) | (cum[:, -1] >= top_p[:, 0]))
+    return thr, covered
 
 
 def process_logits(logits: Tensor, params: Sequence[SamplingParams], prompt_ids: Sequence[Sequence[int]],
@@ -391,11 +441,18 @@ def process(logits: Tensor, rows: Sequence[RequestSampler], extra: Sequence[Sequ
 
 def _race(logprobs: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
     """Exponential race, argmax(p / E) with E ~ Exp(1) iid: an exact categorical draw per row of logprobs [n, V].
-    Row i's noise comes from generators[i] alone (drawn on the CPU, then moved to the logits' device)."""
-    vocab = logprobs.shape[1]
-    noise = torch.stack([torch.empty(vocab).exponential_(generator=g) for g in generators])
-    noise = noise.to(logprobs.device).clamp_min(torch.finfo(torch.float32).tiny)  # a 0 draw would make -inf + inf
-    return (logprobs - noise.log()).argmax(dim=-1)
+
+    Row i draws one E per token of its support (its finite logprobs, in token order) from generators[i] alone, on
+    the CPU; the draws are then moved to the logits' device. Tokens outside the support cannot win."""
+    support = torch.isfinite(logprobs)
+    sizes = support.sum(-1).tolist()
+    draws = torch.cat([torch.empty(n).exponential_(generator=g) for n, g in zip(sizes, generators)])
+    draws = draws.to(logprobs.device).clamp_min(torch.finfo(torch.float32).tiny)  # an E of 0 would win anyway
+    if sum(sizes) == logprobs.numel():  # every token of every row is possible: no scatter needed
+        noise = draws.view(logprobs.shape)
+    else:
+        noise = torch.full_like(logprobs, math.inf).masked_scatter_(support, draws)
+    return (logprobs - noise.log()).argmax(dim=-1)  # log(p / E); -inf outside the support
 
 
 def sample(logprobs: Tensor, rows: Sequence[RequestSampler]) -> Tensor:

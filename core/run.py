@@ -2,7 +2,8 @@
 
     python -m core.run [--backend NAME] [--model DIR] [--dtype bfloat16|float32] [--prompt TEXT | --prompt-ids 1,2,3]
                        [--max-new-tokens N] [--temperature T] [--seed S] [--mtp] [--strict] [--interpret]
-                       [--simulate] [--prefill-chunk N] [--json] [--logits-out FILE.safetensors] [--list-backends]
+                       [--simulate] [--prefill-chunk N] [--block-size N] [--json] [--logits-out FILE.safetensors]
+                       [--list-backends]
 
 Bad input ends with one line on stderr naming what is wrong and exit status 2; set DSV3_DEBUG=1 for tracebacks.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from core import registry
-from core.backend import RunMode
+from core.backend import RunMode, choose_block_size
 from core.dispatch import Dispatch
 from core.errors import ContractError, UserError
 
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--interpret", action="store_true", help="run Triton kernels on the CPU (Triton interpreter)")
     p.add_argument("--simulate", action="store_true", help="run a vendor library's emulation (CI without hardware)")
     p.add_argument("--prefill-chunk", type=int, help="prefill in chunks of N tokens")
+    p.add_argument("--block-size", type=int, help="positions per paged latent-cache block (default: the backend's "
+                                                  "preferred size; its manifest lists the sizes it takes)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--logits-out", type=Path, help="write float32 teacher-forced prompt logits [S, V] here")
@@ -59,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not 0 <= args.seed < 2 ** 63:
         raise UserError(f"--seed must be in [0, 2^63), got {args.seed}")
+    if args.block_size is not None and args.block_size < 1:
+        raise UserError(f"--block-size must be >= 1, got {args.block_size}")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise UserError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     if args.logits_out is not None and args.logits_out.suffix != ".safetensors":
@@ -119,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = registry.load(registry.REFERENCE)
     ops = Dispatch(backend, reference, strict=args.strict, numerics=avail.numerics)
     dtype = DTYPES[args.dtype]
+    block_size = choose_block_size(backend, args.block_size)  # refused before the weights load
 
     t0 = time.perf_counter()
     source = load_default() if args.model is None else args.model
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--prompt: {args.model} has no tokenizer.json; pass --prompt-ids")
         prompt_ids = tokenizer.encode(args.prompt if args.prompt is not None else DEFAULT_PROMPT)
 
-    gen = Generator(model, args.prefill_chunk)
+    gen = Generator(model, args.prefill_chunk, block_size)
     gen.check([prompt_ids], args.max_new_tokens)
     if args.logits_out is not None:
         write_logits(args.logits_out, gen.teacher_forced_logits(prompt_ids))
@@ -155,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         "decode_tokens_per_s": round(result.decode_tokens_per_s, 2),
         "load_seconds": round(load_seconds, 3),
         "latent_cache_bytes_per_token_per_layer": cfg.latent_width * torch.finfo(dtype).bits // 8,
+        "cache_block_size": gen.block_size,
+        "cache_bytes": result.cache_bytes,
         "interpret": args.interpret,
         "simulate": args.simulate,
         "notes": model.w.notes,

@@ -133,22 +133,46 @@ def _prefill(p, g):
                             f"seqs(q,k)={list(seqs)} scale={scale:.4g}")
 
 
+def paged_decode_cache(lens: list[int], width: int, block_size: int, g: torch.Generator, layout: str = "shuffled",
+                       spare: int = 3) -> tuple[Tensor, Tensor]:
+    """A float64 paged cache [blocks, block_size, width] and its block table [B, max_used + 2] int32 (contract v2).
+
+    layout "shuffled": every sequence's blocks drawn from a random permutation (non-contiguous, out of order);
+    "contiguous": sequence b owns consecutive blocks. Rows past lens in a partial last block and the `spare` unused
+    blocks are NaN; each table row continues past its used blocks with a NaN block's id, then -1, so an
+    implementation that reads past lens or dereferences a table entry it must not read returns NaN (or fails)."""
+    used = [-(-n // block_size) for n in lens]
+    total = sum(used) + spare
+    order = torch.randperm(total, generator=g).tolist() if layout == "shuffled" else list(range(total))
+    cache = torch.full((total, block_size, width), float("nan"), dtype=F64)
+    table = torch.full((len(lens), max(used, default=0) + 2), -1, dtype=torch.int32)
+    spare_ids, start = order[sum(used):], 0
+    for b, (n, k) in enumerate(zip(lens, used)):
+        ids = order[start:start + k]
+        start += k
+        rows = randn(g, k * block_size, width)
+        rows[n:] = float("nan")
+        cache[ids] = rows.view(k, block_size, width)
+        table[b, :k] = torch.tensor(ids, dtype=torch.int32)
+        if spare_ids:
+            table[b, k] = spare_ids[b % len(spare_ids)]
+    return cache, table
+
+
 def _decode(p, g):
     b, s, heads, r, pe = p["batch"], p["new"], p["heads"], p["rank"], p["rope"]
+    bs, layout = p.get("block_size", 16), p.get("table", "shuffled")
     lens = torch.tensor(p["lens"], dtype=torch.int64)
-    slots = torch.randperm(b + 2, generator=g)[:b]
-    width = (max(p["lens"]) if b else 1) + 3
-    cache = randn(g, b + 2, width, r + pe)
-    for i in range(b):  # poison everything past lens: a kernel that reads it returns NaN
-        cache[slots[i], int(lens[i]):] = float("nan")
+    cache, table = paged_decode_cache(p["lens"], r + pe, bs, g, layout)
     q_lat, q_pe = randn(g, b, s, heads, r, scale=0.1), randn(g, b, s, heads, pe)
     scale, view = p.get("scale", V3_SOFTMAX_SCALE), p.get("strided", False)
 
     def make(wd, rd, dev, h):
         return (act(q_lat, wd, rd, dev), strided(act(q_pe, wd, rd, dev), view), act(cache, wd, rd, dev),
-                slots.to(dev), lens.to(dev), scale)
+                table.to(dev), lens.to(dev), scale)
     return CaseInputs(make, f"q_lat[{b},{s},{heads},{r}] q_pe{' strided' if view else ''} "
-                            f"cache[{b + 2},{width},{r + pe}] lens={p['lens']} scale={scale:.4g}")
+                            f"cache[{cache.shape[0]},{bs},{r + pe}] {layout} table lens={p['lens']} "
+                            f"scale={scale:.4g}", extra={"block_size": bs})
 
 
 def _gate(p, g):

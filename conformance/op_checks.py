@@ -118,6 +118,11 @@ def check_case(suite: Suite, op: str, case: dict, dtype: torch.dtype, inputs=Non
                          tolerance_source=tol.source)
     inputs = inputs or case_inputs(suite, op, case)
     result.shape = inputs.shape
+    block_size = inputs.extra.get("block_size")
+    if block_size is not None and not suite.manifest.cache.takes(block_size):
+        result.detail = (f"block size {block_size} is not one {suite.backend.name} declares (cache.block_sizes: "
+                         f"{suite.manifest.cache.describe()}): not run")
+        return result
     impl = getattr(suite.dispatch, op)
     ref_op = suite.reference_op(op, numerics)
     cpu = torch.device("cpu")
@@ -170,6 +175,9 @@ def check_case(suite: Suite, op: str, case: dict, dtype: torch.dtype, inputs=Non
         ref_err = Errors.zero()
         for o, g, r in zip(outs, golden, ref_out):
             err, ref_err = err.worst(errors(o, g)), ref_err.worst(errors(r, g))
+            if o.is_floating_point() and bool(o.isnan().any()) and not bool(g.isnan().any()):
+                result.verdict = FAIL
+                result.detail = "NaN in the output where golden has none (a poisoned input row or block was read)"
     result.rel_err, result.max_abs, result.max_rel, result.ref_rel_err = err.rel, err.max_abs, err.max_rel, ref_err.rel
     if result.verdict != FAIL:
         result.verdict = PASS if err.rel <= tol.rtol else FAIL

@@ -226,7 +226,7 @@ class Generator:
         self.max_new = max_new_tokens
         seqs = [_Seq(list(p), length=len(p)) for p in prompts]
         model = self.model
-        paging = self.new_paging(prompts)
+        paging = self.paging = self.new_paging(prompts)  # kept for inspection: every block is free after the run
 
         start = time.perf_counter()
         hidden = self.prefill(prompts, paging)

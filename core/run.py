@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import torch
 
 from core import registry
-from core.backend import RunMode
+from core.backend import RunMode, choose_block_size
 from core.errors import ContractError, UserError
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(ids) + args.max_new_tokens > limit:
             raise UserError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceed the "
                             f"context length ({limit} tokens) of {cfg.source}")
-    registry.activate(args.backend, mode)  # an unavailable backend fails here, before the weights load
+    backend, _ = registry.activate(args.backend, mode)  # an unavailable backend fails here, before the weights load
+    choose_block_size(backend, args.block_size)  # so does a block size its mla_decode does not take
 
     llm = LLM(args.model, backend=args.backend, dtype=args.dtype, strict=args.strict, interpret=args.interpret,
               simulate=args.simulate, engine=engine_config(args), tokenizer=tokenizer)
@@ -365,8 +366,9 @@ def run_one(llm, params, prompt_ids: list[int], args: argparse.Namespace) -> int
         "decode_tokens_per_s": round(decode_tps, 2),
         "load_seconds": round(llm.load_seconds, 3),
         "latent_cache_bytes_per_token_per_layer": cfg.latent_width * torch.finfo(dtype).bits // 8,
-        "cache": {"block_size": llm.engine.block_size, "blocks": llm.engine.pool.num_blocks,
-                  "peak_blocks_used": llm.engine.stats.peak_blocks_used},
+        "cache_block_size": llm.engine.block_size,
+        "cache_bytes": llm.engine.cache_bytes,
+        "cache_peak_bytes_used": llm.engine.stats.peak_blocks_used * llm.engine.block_size * llm.engine.bytes_per_token,
         "interpret": args.interpret,
         "simulate": args.simulate,
         "notes": llm.model.w.notes,

@@ -93,13 +93,13 @@ def attention_prefill(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tenso
     return impl(q, k, v, cu_q, cu_k, scale, cfg=dict(cfg or {}))
 
 
-def mla_decode(q_lat: Tensor, q_pe: Tensor, cache: Tensor, slots: Tensor, lens: Tensor, scale: float,
+def mla_decode(q_lat: Tensor, q_pe: Tensor, cache: Tensor, block_table: Tensor, lens: Tensor, scale: float,
                cfg: Cfg = None) -> Tensor:
-    """core.ops.mla_decode: q_lat [B, S, H, R], q_pe [B, S, H, P], cache [N, L, R+P] -> [B, S, H, R]
-    (attention.py)."""
+    """core.ops.mla_decode (v2): q_lat [B, S, H, R], q_pe [B, S, H, P], paged cache [num_blocks, block_size, R+P],
+    block_table [B, max_blocks] int32, lens [B] -> [B, S, H, R] (attention.py)."""
     from backends.triton_kernels.attention import mla_decode as impl
 
-    return impl(q_lat, q_pe, cache, slots, lens, scale, cfg=dict(cfg or {}))
+    return impl(q_lat, q_pe, cache, block_table, lens, scale, cfg=dict(cfg or {}))
 
 
 def prepare_linear(weight: Tensor, scale_inv: Tensor | None) -> object:

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from core import registry
 from core.backend import RunMode
 from core.dispatch import Dispatch
 from core.errors import ContractError, UserError
+from core.safe_files import StagedFile, check_output_target, one_line, quote_name
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_PROMPT = "DeepSeek-V3 runs on every accelerator"
@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--logits-out", type=Path, help="write float32 teacher-forced prompt logits [S, V] here")
+    p.add_argument("--no-check-weights", action="store_true",
+                   help="skip the check for NaN and infinite weights at load")
     p.add_argument("--list-backends", action="store_true", help="list discovered backends and whether they run here")
     args = p.parse_args(argv)
     if not math.isfinite(args.temperature) or args.temperature < 0:
@@ -61,20 +63,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError(f"--seed must be in [0, 2^63), got {args.seed}")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise UserError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
-    if args.logits_out is not None and args.logits_out.suffix != ".safetensors":
-        raise UserError(f"--logits-out: {args.logits_out} must end in .safetensors")
+    if args.logits_out is not None:
+        if args.logits_out.suffix != ".safetensors":
+            raise UserError(f"--logits-out: {quote_name(str(args.logits_out))} must end in .safetensors")
+        check_output_target(args.logits_out, "--logits-out")  # before any work
     return args
 
 
 def list_backends(mode: RunMode) -> str:
+    """One line per discovered backend: available, unavailable (why), or broken (its error, in one line)."""
     lines = []
     for name, found in sorted(registry.discover().items()):
         try:
-            avail = registry.load(name).probe(mode)
-            state = f"available on {avail.device}" if avail.ok else f"unavailable: {avail.reason}"
-        except (UserError, ContractError, ImportError) as e:
-            state = f"broken: {e}"
-        lines.append(f"{name:10s} {state}  [{found.origin}]")
+            avail = registry.probe(registry.load(name), mode)
+            state = f"available on {avail.device}" if avail.ok else f"unavailable: {one_line(avail.reason)}"
+        except (UserError, ContractError) as e:
+            state = f"broken: {one_line(e)}"
+        lines.append(f"{one_line(name):10s} {state}  [{one_line(found.origin)}]")
     return "\n".join(lines)
 
 
@@ -85,23 +90,27 @@ def parse_prompt_ids(text: str) -> list[int]:
         raise UserError(f"--prompt-ids: expected comma-separated integers, got {text!r}") from None
 
 
-def write_logits(path: Path, logits: torch.Tensor) -> None:
-    """Write atomically: a temporary file in the same directory, renamed into place."""
+def stage_logits(path: Path, logits: torch.Tensor) -> StagedFile:
+    """Write the logits under a temporary name beside `path`; the caller commits it once the run succeeded."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    if not path.parent.is_dir():
-        raise UserError(f"--logits-out: directory {path.parent} does not exist")
+    staged = StagedFile(path, "--logits-out")
+    staged.write_with(lambda tmp: save_file({"logits": logits.contiguous().cpu()}, tmp), (SafetensorError,))
+    return staged
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Tokenise a prompt from the command line: text that is not valid UTF-8 (the bytes arrive as lone
+    surrogates) or that the tokenizer cannot encode is refused in one line, never a traceback."""
+    bad = next((i for i, ch in enumerate(text) if "\ud800" <= ch <= "\udfff"), None)
+    if bad is not None:
+        raise UserError(f"--prompt: not valid UTF-8 (byte 0x{ord(text[bad]) & 0xFF:02x} at character {bad}); "
+                        f"pass UTF-8 text or --prompt-ids")
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    except OSError as e:
-        raise UserError(f"--logits-out: cannot write in {path.parent} ({e.strerror or e})") from None
-    os.close(fd)
-    try:
-        save_file({"logits": logits.contiguous().cpu()}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        return tokenizer.encode(text)
+    except Exception as e:  # a tokenizer library raises its own exception types
+        raise UserError(f"--prompt: the tokenizer cannot encode it ({one_line(e)})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     source = load_default() if args.model is None else args.model
-    model = Model.load(source, ops, avail.device, dtype, with_mtp=args.mtp)
+    model = Model.load(source, ops, avail.device, dtype, with_mtp=args.mtp, check_weights=not args.no_check_weights)
     load_seconds = time.perf_counter() - t0
     cfg = model.cfg
     tokenizer = for_checkpoint(args.model, cfg.bos_token_id)
@@ -131,12 +140,25 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if tokenizer is None:
             raise UserError(f"--prompt: {args.model} has no tokenizer.json; pass --prompt-ids")
-        prompt_ids = tokenizer.encode(args.prompt if args.prompt is not None else DEFAULT_PROMPT)
+        prompt_ids = encode_prompt(tokenizer, args.prompt if args.prompt is not None else DEFAULT_PROMPT)
 
     gen = Generator(model, args.prefill_chunk)
     gen.check([prompt_ids], args.max_new_tokens)
-    if args.logits_out is not None:
-        write_logits(args.logits_out, gen.teacher_forced_logits(prompt_ids))
+    staged: StagedFile | None = None
+    try:
+        if args.logits_out is not None:
+            staged = stage_logits(args.logits_out, gen.teacher_forced_logits(prompt_ids))
+        code = _generate_and_report(args, backend, avail, ops, model, tokenizer, prompt_ids, gen, load_seconds)
+        if staged is not None:
+            staged.commit()  # renamed into place only after the run succeeded
+    finally:
+        if staged is not None:
+            staged.discard()  # nothing left behind by a failed run (a no-op after the commit)
+    return code
+
+
+def _generate_and_report(args, backend, avail, ops, model, tokenizer, prompt_ids, gen, load_seconds) -> int:
+    cfg, dtype = model.cfg, DTYPES[args.dtype]
     result = gen.generate([prompt_ids], args.max_new_tokens, args.temperature, args.seed, mtp=args.mtp,
                           stop_at_eos=not args.ignore_eos)
     output = result.output_ids[0]
@@ -190,7 +212,7 @@ def run_cli(main_fn, argv: list[str] | None = None) -> int:
     except (UserError, ContractError) as e:
         if os.environ.get("DSV3_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)  # exactly one line, whatever a message holds
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

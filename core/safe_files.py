@@ -41,6 +41,7 @@ from core.errors import CheckpointError, UserError
 KiB, MiB = 1 << 10, 1 << 20
 MAX_CONFIG_BYTES = 4 * MiB  # config.json, generation_config.json (DeepSeek-V3's is 1.7 KiB)
 MAX_INDEX_BYTES = 32 * MiB  # model.safetensors.index.json (DeepSeek-V3's is 8.9 MiB)
+MAX_TOKENIZER_BYTES = 64 * MiB  # tokenizer.json (DeepSeek-V3's is 7.5 MiB)
 MAX_TOKENIZER_CONFIG_BYTES = 16 * MiB  # tokenizer_config.json (chat templates, added tokens)
 MAX_REPORT_BYTES = 32 * MiB  # a conformance report.json given to --compare
 MAX_MANIFEST_BYTES = 1 * MiB  # a backend's manifest.yaml
@@ -135,7 +136,7 @@ def open_regular(path: Path, what: str | None = None, error: type[Exception] = C
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
-        raise error(f"{shown}: cannot open ({os_reason(e)})") from None
+        raise error(f"{shown}: cannot read ({os_reason(e)})") from None
     after = os.fstat(fd)
     if not stat.S_ISREG(after.st_mode) or (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
         os.close(fd)
@@ -336,6 +337,21 @@ class StagedFile:
             raise UserError(f"{self.option}: cannot write {quote_name(str(self.path))} ({os_reason(e)})") from None
         finally:
             os.close(fd)
+
+    def write_with(self, writer: Callable[[str], None], errors: tuple[type[BaseException], ...] = ()) -> None:
+        """Let `writer(temporary_path)` write the file (e.g. safetensors' save_file); OSError and `errors` become
+        one-line UserErrors and remove the temporary file."""
+        check_output_target(self.path, self.option)
+        fd, self.tmp = _temp_in(self.path.parent, self.path.name, self.option)
+        os.close(fd)
+        try:
+            writer(self.tmp)
+        except (OSError, *errors) as e:
+            self.discard()
+            raise UserError(f"{self.option}: cannot write {quote_name(str(self.path))} ({os_reason(e)})") from None
+        except BaseException:
+            self.discard()
+            raise
 
     def commit(self) -> None:
         if self.tmp is None:

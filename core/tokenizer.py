@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Protocol
 
 from core.errors import UserError
+from core.safe_files import (MAX_TOKENIZER_BYTES, MAX_TOKENIZER_CONFIG_BYTES, containment_root, read_bytes,
+                             read_json_file, resolve_inside)
 
 
 class Tokenizer(Protocol):
@@ -42,17 +44,19 @@ class HFTokenizer:
         except ImportError:
             raise UserError(f"{directory}/tokenizer.json needs the 'tokenizers' package (pip install tokenizers); "
                             "or pass --prompt-ids") from None
+        root = containment_root(directory)  # files resolved inside the checkpoint; regular files only, bounded
+        data = read_bytes(resolve_inside(root, directory, "tokenizer.json", str(directory), UserError),
+                          MAX_TOKENIZER_BYTES, error=UserError)
         try:
-            self.tok = _Tok.from_file(str(directory / "tokenizer.json"))
+            self.tok = _Tok.from_str(data.decode("utf-8"))
         except Exception as e:  # the tokenizers library raises its own exception type
-            raise UserError(f"{directory}/tokenizer.json: cannot load ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{directory}/tokenizer.json: cannot load ({str(e).splitlines()[0] if str(e) else e!r})"
+                            ) from None
         add_bos = True
         cfg_file = directory / "tokenizer_config.json"
-        if cfg_file.is_file():
-            try:
-                data = json.loads(cfg_file.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise UserError(f"{cfg_file}: cannot read it as JSON ({e})") from None
+        if os.path.lexists(cfg_file):
+            data = read_json_file(resolve_inside(root, directory, cfg_file.name, str(directory), UserError),
+                                  MAX_TOKENIZER_CONFIG_BYTES, error=UserError)
             if not isinstance(data, dict):
                 raise UserError(f"{cfg_file}: expected a JSON object")
             add_bos = bool(data.get("add_bos_token", True))

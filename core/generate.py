@@ -62,9 +62,9 @@ class Sampler:
     def probs(self, logits: Tensor) -> Tensor:
         """softmax(logits / T), shifted by the row maximum first, so any accepted temperature gives a valid
         distribution: a tiny T puts all the mass on the maximum (greedy), never inf - inf = NaN."""
-        x = logits.float().cpu()
+        x = logits.double().cpu()  # float64: even a subnormal T is a non-zero divisor
         x = x - x.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)
-        return torch.softmax(x / self.temperature, dim=-1)
+        return torch.softmax(x / self.temperature, dim=-1).float()
 
     def sample_probs(self, p: Tensor) -> list[int]:
         # An Exp(1) draw can be exactly 0; clamped, a zero-probability token can never win (0/0 would be NaN).

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -16,6 +15,7 @@ from core.backend import RunMode
 from core.errors import UserError
 from core.ops import OPERATORS
 from core.run import OneLineParser, run_cli
+from core.safe_files import check_output_target, quote_name
 
 LEVELS = ("op", "block", "model")
 
@@ -45,33 +45,25 @@ def parse(argv: list[str]) -> argparse.Namespace:
         unknown = [x for x in args.op_list if x not in OPERATORS]
         if unknown:
             raise UserError(f"--ops: {', '.join(unknown)} not in the contract ({', '.join(OPERATORS)})")
-    if args.compare is not None:
-        try:
-            args.other = json.loads(args.compare.read_text())
-            ok = isinstance(args.other, dict) and isinstance(args.other.get("checks"), list) and all(
-                isinstance(args.other.get(k), dict) for k in ("environment", "summary"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"--compare: cannot read {args.compare} ({e})") from None
-        if not ok:
-            raise UserError(f"--compare: {args.compare} is not a conformance report.json "
-                            f"(needs environment, summary and checks)")
+    if args.compare is not None:  # validated in full before anything runs
+        args.other = report.read_other(args.compare)
     if args.seed is not None and not 0 <= args.seed < 2 ** 32:
         raise UserError(f"--seed must be in [0, 2^32), got {args.seed}")
     if args.report is not None:
-        writable_directory(args.report, "--report")
+        check_output_target(args.report, "--report", directory=True)  # nothing is created before the run ends
     return args
 
 
 def writable_directory(path: Path, option: str) -> None:
     """Refuse, before any work, a path that is a file or a directory that cannot be created or written."""
     if path.exists() and not path.is_dir():
-        raise UserError(f"{option}: {path} exists and is not a directory")
+        raise UserError(f"{option}: {quote_name(str(path))} exists and is not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"{option}: cannot create {path} ({e.strerror or e})") from None
+        raise UserError(f"{option}: cannot create {quote_name(str(path))} ({e.strerror or e})") from None
     if not os.access(path, os.W_OK):
-        raise UserError(f"{option}: {path} is not writable")
+        raise UserError(f"{option}: {quote_name(str(path))} is not writable")
 
 
 def run_suite(suite: Suite, levels: list[str], ops: list[str] | None = None, bisect: bool = True,

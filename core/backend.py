@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import yaml
 
 from core.errors import ContractError, UserError
 from core.ops import OPERATORS, PREPARE_HOOKS, WEIGHT_HOOK, check_signature
+from core.safe_files import MAX_MANIFEST_BYTES, quote_name, quote_value, read_yaml_file
 
 NUMERICS_CLASSES = ("reference", "w8a8", "w8a8_fnuz", "w8a8_int8")
 """`reference`: weights dequantised exactly, activations in the working dtype. `w8a8`: activations quantised per
@@ -153,24 +153,21 @@ class Manifest:
 
     @staticmethod
     def load(path: Path) -> "Manifest":
-        where = str(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise ContractError(f"{where}: cannot read the manifest ({str(e).splitlines()[0]})") from None
+        where = quote_name(str(path))
+        data = read_yaml_file(path, MAX_MANIFEST_BYTES, error=ContractError, what=f"{where} (manifest)")
         if not isinstance(data, dict):
             raise ContractError(f"{where}: the manifest must be a mapping")
         unknown = set(data) - {"backend", "description", "operators", "limits", "nondeterministic", "tolerances",
                                "toolchain", "cache"}
         if unknown:
-            raise ContractError(f"{where}: unknown manifest keys {sorted(unknown)}")
+            raise ContractError(f"{where}: unknown manifest keys {quote_value(sorted(map(str, unknown)))}")
         ops = data.get("operators") or {}
         if not isinstance(ops, dict):
             raise ContractError(f"{where}: 'operators' must map operator names to entries")
         entries = {}
         for name, entry in ops.items():
-            if name not in OPERATORS:
-                raise ContractError(f"{where}: operators.{name} is not an operator of the contract")
+            if not isinstance(name, str) or name not in OPERATORS:
+                raise ContractError(f"{where}: operators.{quote_name(name)} is not an operator of the contract")
             entry = entry or {}
             if not isinstance(entry, dict):
                 raise ContractError(f"{where}: operators.{name} must be a mapping like {{dtypes: [bfloat16]}}")
@@ -179,10 +176,10 @@ class Manifest:
                     raise ContractError(f"{where}: operators.{name}.{key} must be a list")
             dtypes = tuple(entry.get("dtypes", ()))
             for d in dtypes + tuple(entry.get("weights", ())):
-                if d not in DTYPE_NAMES:
-                    raise ContractError(f"{where}: operators.{name}: unknown dtype '{d}'")
+                if not isinstance(d, str) or d not in DTYPE_NAMES:
+                    raise ContractError(f"{where}: operators.{name}: unknown dtype {quote_value(d)}")
             numerics = entry.get("numerics", "reference")
-            if numerics not in NUMERICS_CLASSES:
+            if not isinstance(numerics, str) or numerics not in NUMERICS_CLASSES:
                 raise ContractError(f"{where}: operators.{name}.numerics must be one of {NUMERICS_CLASSES}")
             if not dtypes:
                 raise ContractError(f"{where}: operators.{name} declares no dtypes")
@@ -190,11 +187,17 @@ class Manifest:
         tolerances = tuple(data.get("tolerances") or ())
         for t in tolerances:
             if not isinstance(t, dict) or not {"op", "dtype", "reason"} <= set(t) or not str(t["reason"]).strip():
-                raise ContractError(f"{where}: every tolerance override needs op, dtype and a reason: {t}")
+                raise ContractError(f"{where}: every tolerance override needs op, dtype and a reason: {quote_value(t)}")
+        for key in ("limits", "nondeterministic", "toolchain"):
+            if not isinstance(data.get(key) or {}, dict):
+                raise ContractError(f"{where}: {key} must be a mapping")
+        if not isinstance(data.get("tolerances") or [], list):
+            raise ContractError(f"{where}: tolerances must be a list")
         for key in ("limits", "nondeterministic"):
             for name in data.get(key) or {}:
-                if name not in entries:
-                    raise ContractError(f"{where}: {key}.{name} names an operator the manifest does not declare")
+                if not isinstance(name, str) or name not in entries:
+                    raise ContractError(f"{where}: {key}.{quote_name(name)} names an operator the manifest does "
+                                        f"not declare")
         return Manifest(
             path=path,
             backend=str(data.get("backend", path.parent.name)),

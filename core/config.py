@@ -8,13 +8,14 @@ field named.
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from core.errors import CheckpointError
 from core.rope import RopeConfig
+from core.safe_files import MAX_CONFIG_BYTES, quote_name, quote_value, read_json_file
 
 ACCEPTED_MODEL_TYPES = ("deepseek_v3", "kimi_k2")
 
@@ -48,6 +49,24 @@ HF_DEFAULTS: dict[str, Any] = {
     "attention_bias": False,
     "num_nextn_predict_layers": 1,
 }
+
+# Upper bounds of every size and count (far beyond any released DeepSeek-V3-class model: V3 has hidden 7168,
+# vocab 129280, 61 layers, 256 experts, 163840 positions). A value above its bound is refused before anything is
+# sized from it.
+MAX_INT: dict[str, int] = {
+    "vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 20, "moe_intermediate_size": 1 << 20,
+    "num_hidden_layers": 1024, "num_attention_heads": 1024, "q_lora_rank": 1 << 16, "kv_lora_rank": 1 << 16,
+    "qk_nope_head_dim": 1 << 12, "qk_rope_head_dim": 1 << 12, "v_head_dim": 1 << 12, "n_routed_experts": 1 << 14,
+    "n_shared_experts": 1 << 10, "num_experts_per_tok": 1 << 14, "n_group": 1 << 14, "topk_group": 1 << 14,
+    "first_k_dense_replace": 1024, "max_position_embeddings": 1 << 24, "num_nextn_predict_layers": 64,
+    "bos_token_id": 1 << 22,
+}
+# (lowest, highest, whether the lowest is allowed) of every real-valued field.
+FLOAT_RANGE: dict[str, tuple[float, float, bool]] = {
+    "rms_norm_eps": (0.0, 1.0, False),
+    "routed_scaling_factor": (0.0, 1e4, False),
+}
+MAX_EOS_IDS = 1024
 
 
 @dataclass(frozen=True)
@@ -101,27 +120,26 @@ class ModelConfig:
         return self.n_routed_experts > 0 and layer >= self.first_k_dense_replace
 
     @staticmethod
-    def from_file(path: Path) -> "ModelConfig":
-        if not path.is_file():
-            raise CheckpointError(f"{path}: not found (a Hugging Face checkpoint directory needs config.json)")
-        try:
-            data = json.loads(path.read_text())
-        except OSError as e:
-            raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
-        except UnicodeDecodeError:
-            raise CheckpointError(f"{path}: not UTF-8 text") from None
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    def from_file(path: Path, what: str | None = None) -> "ModelConfig":
+        """Parse config.json at `path` (already resolved inside its checkpoint; `what` names it in messages)
+        through core.safe_files.read_json_file: a regular file, size- and depth-limited, no duplicate keys."""
+        what = what or quote_name(str(path))
+        if not Path(path).exists():
+            raise CheckpointError(f"{what}: not found (a Hugging Face checkpoint directory needs config.json)")
+        data = read_json_file(Path(path), MAX_CONFIG_BYTES, what=what)
         if not isinstance(data, dict):
-            raise CheckpointError(f"{path}: expected a JSON object")
-        return ModelConfig.from_dict(data, str(path))
+            raise CheckpointError(f"{what}: expected a JSON object")
+        return ModelConfig.from_dict(data, what)
 
     @staticmethod
     def from_dict(data: dict, source: str = "config.json") -> "ModelConfig":
+        if not isinstance(data, dict):
+            raise CheckpointError(f"{source}: expected a JSON object, got {quote_value(data)}")
         model_type = data.get("model_type")
-        if model_type not in ACCEPTED_MODEL_TYPES:
+        if not isinstance(model_type, str) or model_type not in ACCEPTED_MODEL_TYPES:
             raise CheckpointError(
-                f"{source}: model_type is {model_type!r}; this project runs {', '.join(ACCEPTED_MODEL_TYPES)}"
+                f"{source}: model_type is {quote_value(model_type)}; this project runs "
+                f"{', '.join(ACCEPTED_MODEL_TYPES)}"
             )
         text = data.get("text_config") if isinstance(data.get("text_config"), dict) else None
         d = {**HF_DEFAULTS, **(text or data)}
@@ -130,24 +148,30 @@ class ModelConfig:
             v = d.get(key)
             if v is None and optional:
                 return None
-            if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise CheckpointError(f"{source}: {key} must be an integer >= {minimum}, got {v!r}")
+            maximum = MAX_INT[key]
+            if isinstance(v, bool) or not isinstance(v, int) or not minimum <= v <= maximum:
+                raise CheckpointError(f"{source}: {key} must be an integer in [{minimum}, {maximum}], "
+                                      f"got {quote_value(v)}")
             return v
 
         def number(key: str) -> float:
             v = d.get(key)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise CheckpointError(f"{source}: {key} must be a number, got {v!r}")
+            low, high, low_ok = FLOAT_RANGE[key]
+            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                    or not (low <= v if low_ok else low < v) or v > high):
+                raise CheckpointError(f"{source}: {key} must be a finite number in {'[' if low_ok else '('}{low:g}, "
+                                      f"{high:g}], got {quote_value(v)}")
             return float(v)
 
         def flag(key: str) -> bool:
             v = d.get(key)
             if not isinstance(v, bool):
-                raise CheckpointError(f"{source}: {key} must be true or false, got {v!r}")
+                raise CheckpointError(f"{source}: {key} must be true or false, got {quote_value(v)}")
             return v
 
         if d.get("hidden_act") != "silu":
-            raise CheckpointError(f"{source}: hidden_act {d.get('hidden_act')!r} is not supported (DeepSeek-V3 uses silu)")
+            raise CheckpointError(f"{source}: hidden_act {quote_value(d.get('hidden_act'))} is not supported "
+                                  f"(DeepSeek-V3 uses silu)")
         n_experts = integer("n_routed_experts", 0)
         n_group = integer("n_group", 1, optional=True) or 1
         topk_group = integer("topk_group", 1, optional=True) or n_group
@@ -169,13 +193,19 @@ class ModelConfig:
         first_dense = integer("first_k_dense_replace", 0, optional=True) or 0
         if first_dense > layers:
             raise CheckpointError(f"{source}: first_k_dense_replace ({first_dense}) exceeds num_hidden_layers ({layers})")
+        vocab = integer("vocab_size")
         eos = d.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        if not all(isinstance(e, int) and not isinstance(e, bool) for e in eos_ids):
-            raise CheckpointError(f"{source}: eos_token_id must be an integer or a list of integers, got {eos!r}")
+        if len(eos_ids) > MAX_EOS_IDS or not all(isinstance(e, int) and not isinstance(e, bool) and 0 <= e < vocab
+                                                 for e in eos_ids):
+            raise CheckpointError(f"{source}: eos_token_id must be an id in [0, vocab_size={vocab}) or a list of "
+                                  f"such ids, got {quote_value(eos)}")
+        bos = integer("bos_token_id", 0, optional=True)
+        if bos is not None and bos >= vocab:
+            raise CheckpointError(f"{source}: bos_token_id {bos} is outside the vocabulary [0, {vocab})")
         max_pos = integer("max_position_embeddings", 1)
         return ModelConfig(
-            vocab_size=integer("vocab_size"),
+            vocab_size=vocab,
             hidden_size=integer("hidden_size"),
             intermediate_size=integer("intermediate_size"),
             moe_intermediate_size=integer("moe_intermediate_size"),
@@ -200,7 +230,7 @@ class ModelConfig:
             tie_word_embeddings=flag("tie_word_embeddings"),
             attention_bias=flag("attention_bias"),
             rope_interleave=flag("rope_interleave"),
-            bos_token_id=integer("bos_token_id", 0, optional=True),
+            bos_token_id=bos,
             eos_token_ids=eos_ids,
             rope=RopeConfig.from_hf(d, rope_dim, max_pos, source),
             fp8=_fp8_blocks(d.get("quantization_config"), source),
@@ -227,10 +257,13 @@ def _fp8_blocks(q: Any, source: str) -> bool:
         raise CheckpointError(f"{source}: quantization_config must be an object")
     method = q.get("quant_method")
     if method != "fp8":
-        raise CheckpointError(f"{source}: quantization_config.quant_method {method!r} is not supported (only fp8)")
+        raise CheckpointError(f"{source}: quantization_config.quant_method {quote_value(method)} is not supported "
+                              f"(only fp8)")
     block = q.get("weight_block_size", [128, 128])
     if not isinstance(block, list) or block != [128, 128]:
-        raise CheckpointError(f"{source}: quantization_config.weight_block_size {block} is not supported (only [128, 128])")
+        raise CheckpointError(f"{source}: quantization_config.weight_block_size {quote_value(block)} is not "
+                              f"supported (only [128, 128])")
     if q.get("fmt", "e4m3") != "e4m3":
-        raise CheckpointError(f"{source}: quantization_config.fmt {q.get('fmt')!r} is not supported (only e4m3)")
+        raise CheckpointError(f"{source}: quantization_config.fmt {quote_value(q.get('fmt'))} is not supported "
+                              f"(only e4m3)")
     return True

@@ -67,10 +67,15 @@ class Sampler:
         return self.temperature <= 0
 
     def probs(self, logits: Tensor) -> Tensor:
-        return torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
+        """softmax(logits / T), shifted by the row maximum first, so any accepted temperature gives a valid
+        distribution: a tiny T puts all the mass on the maximum (greedy), never inf - inf = NaN."""
+        x = logits.double().cpu()  # float64: even a subnormal T is a non-zero divisor
+        x = x - x.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)
+        return torch.softmax(x / self.temperature, dim=-1).float()
 
     def sample_probs(self, p: Tensor) -> list[int]:
-        race = torch.empty_like(p).exponential_(generator=self.gen)
+        # An Exp(1) draw can be exactly 0; clamped, a zero-probability token can never win (0/0 would be NaN).
+        race = torch.empty_like(p).exponential_(generator=self.gen).clamp_min_(torch.finfo(p.dtype).tiny)
         return (p / race).argmax(dim=-1).tolist()
 
     def pick(self, logits: Tensor) -> list[int]:

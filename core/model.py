@@ -39,11 +39,12 @@ class Model:
 
     @staticmethod
     def load(source: TensorSource | Path | str, ops: Dispatch, device: torch.device,
-             dtype: torch.dtype = torch.bfloat16, with_mtp: bool = True) -> "Model":
+             dtype: torch.dtype = torch.bfloat16, with_mtp: bool = True, check_weights: bool = True) -> "Model":
+        """`check_weights`: refuse a checkpoint holding NaN or infinite weights (checked on the device)."""
         if not hasattr(source, "config"):
             source = DirectoryCheckpoint(Path(source))
         with torch.no_grad():
-            weights = WeightLoader(source, ops, device, dtype).load(with_mtp)
+            weights = WeightLoader(source, ops, device, dtype, check_finite=check_weights).load(with_mtp)
         return Model(source.config, weights, ops, device, dtype)
 
     @property

@@ -19,7 +19,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -28,6 +27,7 @@ import torch
 from core import registry
 from core.backend import RunMode, choose_block_size
 from core.errors import ContractError, UserError
+from core.safe_files import StagedFile, check_output_target, one_line, quote_name
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_PROMPT = "DeepSeek-V3 runs on every accelerator"
@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     m.add_argument("--strict", action="store_true", help="refuse a backend that leaves operators to cpu_ref")
     m.add_argument("--interpret", action="store_true", help="run Triton kernels on the CPU (Triton interpreter)")
     m.add_argument("--simulate", action="store_true", help="run a vendor library's emulation (CI without hardware)")
+    m.add_argument("--no-check-weights", action="store_true", help="skip the check for NaN and infinite weights "
+                   "at load")
     m.add_argument("--list-backends", action="store_true", help="list discovered backends and whether they run here")
     m.add_argument("--plan", metavar="N[,N...]", help="print parameters, weight bytes per rank for N ranks and "
                    "latent-cache bytes per token from config.json alone, and exit (reads no weights)")
@@ -115,21 +117,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if v is not None and v < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if args.logits_out is not None and args.logits_out.suffix != ".safetensors":
-        raise UserError(f"--logits-out: {args.logits_out} must end in .safetensors")
+        raise UserError(f"--logits-out: {quote_name(str(args.logits_out))} must end in .safetensors")
     if args.output_file is not None and args.input_file is None:
         raise UserError("--output-file goes with --input-file")
     return args
 
 
 def list_backends(mode: RunMode) -> str:
+    """One line per discovered backend: available, unavailable (why), or broken (its error, in one line)."""
     lines = []
     for name, found in sorted(registry.discover().items()):
         try:
-            avail = registry.load(name).probe(mode)
-            state = f"available on {avail.device}" if avail.ok else f"unavailable: {avail.reason}"
-        except (UserError, ContractError, ImportError) as e:
-            state = f"broken: {e}"
-        lines.append(f"{name:10s} {state}  [{found.origin}]")
+            avail = registry.probe(registry.load(name), mode)
+            state = f"available on {avail.device}" if avail.ok else f"unavailable: {one_line(avail.reason)}"
+        except (UserError, ContractError) as e:
+            state = f"broken: {one_line(e)}"
+        lines.append(f"{one_line(name):10s} {state}  [{one_line(found.origin)}]")
     return "\n".join(lines)
 
 
@@ -144,39 +147,14 @@ def parse_prompt_ids(text: str) -> list[int]:
     return parse_ids(text, "--prompt-ids")
 
 
-def check_writable(path: Path, option: str) -> None:
-    """Refuse, before any weight is read, an output path whose directory is missing or not writable."""
-    if path.is_dir():
-        raise UserError(f"{option}: {path} is a directory")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UserError(f"{option}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UserError(f"{option}: cannot write in {parent}")
-
-
-def write_atomically(path: Path, write, option: str) -> None:
-    """Write through a temporary file in the same directory, renamed into place only when complete."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise UserError(f"{option}: cannot write in {path.parent} ({e.strerror or e})") from None
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"{option}: cannot write {path} ({e.strerror or e})") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_logits(path: Path, logits: torch.Tensor) -> None:
+def stage_logits(path: Path, logits: torch.Tensor) -> StagedFile:
+    """Write the logits under a temporary name beside `path`; the caller commits it once the run succeeded."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    check_writable(path, "--logits-out")
-    write_atomically(path, lambda tmp: save_file({"logits": logits.contiguous().cpu()}, tmp), "--logits-out")
+    staged = StagedFile(path, "--logits-out")
+    staged.write_with(lambda tmp: save_file({"logits": logits.contiguous().cpu()}, tmp), (SafetensorError,))
+    return staged
 
 
 # -- inputs, checked before the weights load -----------------------------------------------------------------------
@@ -259,9 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = for_checkpoint(args.model)
     params = default_sampling(args.model, **sampling_overrides(args))
     if args.output_file is not None:
-        check_writable(args.output_file, "--output-file")
+        check_output_target(args.output_file, "--output-file")
     if args.logits_out is not None:
-        check_writable(args.logits_out, "--logits-out")
+        check_output_target(args.logits_out, "--logits-out")
     jobs = prepare_jobs(args, tokenizer, cfg)
     limit = args.max_model_len or cfg.max_position_embeddings
     for ids, _ in jobs:
@@ -272,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     choose_block_size(backend, args.block_size)  # so does a block size its mla_decode does not take
 
     llm = LLM(args.model, backend=args.backend, dtype=args.dtype, strict=args.strict, interpret=args.interpret,
-              simulate=args.simulate, engine=engine_config(args), tokenizer=tokenizer)
+              simulate=args.simulate, engine=engine_config(args), tokenizer=tokenizer,
+              check_weights=not args.no_check_weights)
     if args.chat:
         return chat_loop(llm, params, args)
     if args.input_file is not None:
@@ -333,8 +312,19 @@ def system_messages(system: str | None) -> list[dict[str, str]]:
 def run_one(llm, params, prompt_ids: list[int], args: argparse.Namespace) -> int:
     from core.generate import Generator
 
-    if args.logits_out is not None:
-        write_logits(args.logits_out, Generator(llm.model).teacher_forced_logits(prompt_ids))
+    staged = stage_logits(args.logits_out, Generator(llm.model).teacher_forced_logits(prompt_ids)) \
+        if args.logits_out is not None else None
+    try:
+        code = _generate_one(llm, params, prompt_ids, args)
+        if staged is not None:
+            staged.commit()  # renamed into place only after the run succeeded
+    finally:
+        if staged is not None:
+            staged.discard()  # nothing left behind by a failed run (a no-op after the commit)
+    return code
+
+
+def _generate_one(llm, params, prompt_ids: list[int], args: argparse.Namespace) -> int:
     if args.max_new_tokens == 0:
         final = None
     else:
@@ -412,7 +402,9 @@ def run_batch(llm, params, jobs, args: argparse.Namespace) -> int:
     if args.output_file is None:
         sys.stdout.write(body)
     else:
-        write_atomically(args.output_file, lambda tmp: Path(tmp).write_text(body, encoding="utf-8"), "--output-file")
+        with StagedFile(args.output_file, "--output-file") as staged:
+            staged.write(body.encode("utf-8"))
+            staged.commit()
         print(f"wrote {len(lines)} outputs to {args.output_file}", file=sys.stderr)
     return 0
 
@@ -459,7 +451,7 @@ def run_cli(main_fn, argv: list[str] | None = None) -> int:
     except (UserError, ContractError) as e:
         if os.environ.get("DSV3_DEBUG"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)  # exactly one line, whatever a message holds
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

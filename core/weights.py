@@ -18,6 +18,7 @@ from core.checkpoint import FLOAT_DTYPES, FP8_DTYPES, TensorSource, check_tensor
 from core.config import ModelConfig
 from core.dispatch import Dispatch
 from core.errors import CheckpointError
+from core.safe_files import quote_name
 from core.fp8 import dequantize_blocks, scale_grid
 from core.ops import FP8_BLOCK
 
@@ -90,17 +91,55 @@ def rope_half_permutation(p: int) -> list[int]:
     return list(range(0, p, 2)) + list(range(1, p, 2))
 
 
+def nonfinite_flag(t: Tensor) -> Tensor:
+    """A 0-d bool tensor on `t`'s device: whether `t` holds a NaN or an infinity (FP8 e4m3fn codes: a NaN code,
+    found bitwise without widening the tensor). Nothing is synchronised here."""
+    if t.dtype == torch.float8_e4m3fn:
+        return ((t.view(torch.uint8) & 0x7F) == 0x7F).any()
+    if t.dtype == torch.float8_e4m3fnuz:
+        return (t.view(torch.uint8) == 0x80).any()
+    if t.is_floating_point():
+        return ~torch.isfinite(t).all()
+    return torch.zeros((), dtype=torch.bool, device=t.device)
+
+
 class WeightLoader:
-    def __init__(self, source: TensorSource, ops: Dispatch, device: torch.device, dtype: torch.dtype):
+    """Reads, checks and prepares every weight. With `check_finite` (the default) every tensor is checked for NaN
+    and infinity on the device, where it already is, after its conversion to the working dtype (so an overflow of
+    the cast is found too); the flags are gathered and read once at the end of `load`, which names the first bad
+    tensor in load order."""
+
+    def __init__(self, source: TensorSource, ops: Dispatch, device: torch.device, dtype: torch.dtype,
+                 check_finite: bool = True):
         self.src, self.ops, self.device, self.dtype = source, ops, device, dtype
         self.cfg: ModelConfig = source.config
         self.notes: list[str] = []
+        self.check_finite = check_finite
+        self._flags: list[tuple[str, Tensor]] = []
+
+    def _watch(self, name: str, t: Tensor | None) -> None:
+        if self.check_finite and t is not None:
+            self._flags.append((name, nonfinite_flag(t)))
+
+    def check_weights(self) -> None:
+        """Raise a CheckpointError naming the first tensor that held a NaN or an infinity (one device sync)."""
+        if not self._flags:
+            return
+        bad = torch.stack([f for _, f in self._flags]).cpu().tolist()
+        names = [n for (n, _), b in zip(self._flags, bad) if b]
+        self._flags.clear()
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            where = self.src.where(names[0]) if self.src.has(names[0]) else self.src.description
+            raise CheckpointError(f"{where}: tensor {quote_name(names[0])} holds "
+                                  f"NaN or infinite values{more} (skip this check with --no-check-weights)")
 
     # -- single tensors ------------------------------------------------------------------------------------------
 
     def tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> Tensor:
-        t = check_tensor(self.src, name, shape, FLOAT_DTYPES)
-        return t.to(device=self.device, dtype=dtype or self.dtype)
+        t = check_tensor(self.src, name, shape, FLOAT_DTYPES).to(device=self.device, dtype=dtype or self.dtype)
+        self._watch(name, t)
+        return t
 
     def raw_weight(self, name: str, shape: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
         """(weight, scale_inv) as stored: FP8 codes with their block scales, or a float weight."""
@@ -122,14 +161,17 @@ class WeightLoader:
             bias = self.tensor(prefix + ".bias", (shape[0],))
         if rope_rows and self.cfg.rope_interleave:
             w, scale, bias = self._permute_rope_rows(prefix, w, scale, bias, rope_rows)
-        return self.prepared(w, scale, bias, float_weight_dtype)
+        return self.prepared(w, scale, bias, float_weight_dtype, name=prefix + ".weight")
 
     def prepared(self, w: Tensor, scale: Tensor | None, bias: Tensor | None = None,
-                 float_weight_dtype: torch.dtype | None = None) -> Linear:
+                 float_weight_dtype: torch.dtype | None = None, name: str = "") -> Linear:
         if scale is None:
             w = w.to(float_weight_dtype or self.dtype)
         w = w.to(self.device)
         scale = scale.to(self.device) if scale is not None else None
+        if name:
+            self._watch(name, w)
+            self._watch(name + "_scale_inv", scale)
         return Linear(self.ops.prepare_linear(w, scale), bias)
 
     def _permute_rope_rows(self, prefix, w, scale, bias, rope_rows):
@@ -164,7 +206,7 @@ class WeightLoader:
         return Attention(
             q_a=q_a, q_a_norm=q_a_norm, q_b=q_b, q=q, kv_a=kv_a,
             kv_a_norm=self.tensor(p + "kv_a_layernorm.weight", (r,)),
-            kv_b=self.prepared(kv_w, kv_scale),
+            kv_b=self.prepared(kv_w, kv_scale, name=p + "kv_b_proj.weight"),
             w_uk=dense[:, :nope].contiguous(), w_uv=dense[:, nope:].contiguous(),
             o=self.linear(p + "o_proj", (d, h * v)),
         )
@@ -176,8 +218,10 @@ class WeightLoader:
         down = self.linear(p + "down_proj", (d, inter))
         if (gate_s is None) == (up_s is None) and (gate_s is None or inter % FP8_BLOCK == 0):
             fused_s = None if gate_s is None else torch.cat([gate_s, up_s])
-            return MLP(self.prepared(torch.cat([gate_w, up_w]), fused_s), None, None, down)
-        return MLP(None, self.prepared(gate_w, gate_s), self.prepared(up_w, up_s), down)
+            return MLP(self.prepared(torch.cat([gate_w, up_w]), fused_s, name=p + "{gate,up}_proj.weight"),
+                       None, None, down)
+        return MLP(None, self.prepared(gate_w, gate_s, name=p + "gate_proj.weight"),
+                   self.prepared(up_w, up_s, name=p + "up_proj.weight"), down)
 
     def experts(self, p: str) -> object:
         c = self.cfg
@@ -195,7 +239,12 @@ class WeightLoader:
                                       f"mix FP8 and float tensors")
             w = torch.stack(ws)
             w = (w if scales[0] is not None else w.to(self.dtype)).to(self.device)
-            stacked += [w, torch.stack(scales).to(self.device) if scales[0] is not None else None]
+            s = torch.stack(scales).to(self.device) if scales[0] is not None else None
+            if self.check_finite:
+                for e in range(c.n_routed_experts):  # per expert, on the device: the message names the tensor
+                    self._watch(f"{p}experts.{e}.{kind}_proj.weight", w[e])
+                    self._watch(f"{p}experts.{e}.{kind}_proj.weight_scale_inv", None if s is None else s[e])
+            stacked += [w, s]
         return self.ops.prepare_experts(*stacked)
 
     def moe(self, p: str) -> MoE:
@@ -247,4 +296,5 @@ class WeightLoader:
         layers = [self.layer(i, c.is_moe_layer(i)) for i in range(c.num_hidden_layers)]
         norm = self.tensor("model.norm.weight", (c.hidden_size,))
         mtp = self.mtp() if with_mtp else None
+        self.check_weights()
         return Weights(embed, layers, norm, lm_head, mtp, self.notes)

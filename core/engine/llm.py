@@ -55,7 +55,8 @@ class LLM:
         self.tokenizer = for_checkpoint(self.model_dir) if tokenizer == "auto" else tokenizer
         t0 = time.perf_counter()
         source = load_default() if self.model_dir is None else self.model_dir
-        self.model = Model.load(source, self.ops, self.device, DTYPES[dtype], with_mtp=self.engine_config.mtp)
+        self.model = Model.load(source, self.ops, self.device, DTYPES[dtype], with_mtp=self.engine_config.mtp,
+                                check_weights=check_weights)
         self.load_seconds = time.perf_counter() - t0
         eos = set(self.model.cfg.eos_token_ids)
         if self.tokenizer is not None:

@@ -155,6 +155,16 @@ def read_safetensors_header(path: Path, what: str) -> dict[str, TensorInfo]:
     return infos
 
 
+def read_config(directory: Path) -> ModelConfig:
+    """The config.json of checkpoint `directory`, contained and bounded like every checkpoint file; reads nothing
+    else (for the checks and plans made before any weight is read)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{quote_name(str(directory))}: no such checkpoint directory")
+    path = resolve_inside(containment_root(directory), directory, "config.json", str(directory))
+    return ModelConfig.from_file(path, what=quote_name(str(directory / "config.json")))
+
+
 class DirectoryCheckpoint:
     """A Hugging Face checkpoint directory: config.json plus safetensors (single file or sharded with an index).
 
@@ -165,12 +175,10 @@ class DirectoryCheckpoint:
 
     def __init__(self, directory: Path):
         directory = Path(directory)
-        if not directory.is_dir():
-            raise CheckpointError(f"{quote_name(str(directory))}: no such checkpoint directory")
+        self.config = read_config(directory)
         self.directory = directory
         self.root = containment_root(directory)
         self.description = str(directory)
-        self.config = ModelConfig.from_file(self.resolve("config.json", str(directory)), what=self._show("config.json"))
         self._handles: dict[Path, object] = {}
         self._shards: dict[str, Path] = {}  # a file name as the index spells it -> its real path
         self._headers: dict[Path, dict[str, TensorInfo]] = {}

@@ -178,6 +178,7 @@ def format_plan(p: Plan, worlds: list[int], weights: str, cache_dtype: str, devi
 
 
 def main(argv: list[str] | None = None) -> int:
+    from core.checkpoint import read_config
     from core.default_model import load_default
     from core.run import OneLineParser
 
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--world-size: every rank count must be >= 1, got {args.world_size!r}")
     if args.device_memory is not None and not args.device_memory > 0:
         raise UserError(f"--device-memory must be a positive number of GiB, got {args.device_memory}")
-    cfg = load_default().config if args.model is None else ModelConfig.from_file(args.model / "config.json")
+    cfg = load_default().config if args.model is None else read_config(args.model)
     weights = args.weights or ("fp8" if cfg.fp8 else "bf16")
     print(format_plan(plan(cfg), worlds, weights, args.cache_dtype, args.device_memory))
     return 0

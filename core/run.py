@@ -213,7 +213,7 @@ def engine_config(args: argparse.Namespace):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from core.config import ModelConfig
+    from core.checkpoint import read_config
     from core.default_model import load_default
     from core.engine.llm import LLM, default_sampling
     from core.tokenizer import for_checkpoint
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list_backends:
         print(list_backends(mode))
         return 0
-    cfg = load_default().config if args.model is None else ModelConfig.from_file(args.model / "config.json")
+    cfg = load_default().config if args.model is None else read_config(args.model)
     if args.plan is not None:
         from core.plan import format_plan, plan
 
@@ -242,10 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         check_output_target(args.logits_out, "--logits-out")
     jobs = prepare_jobs(args, tokenizer, cfg)
     limit = args.max_model_len or cfg.max_position_embeddings
+    where = "--max-model-len" if args.max_model_len else f"max_position_embeddings of {cfg.source}"
     for ids, _ in jobs:
         if len(ids) + args.max_new_tokens > limit:
             raise UserError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceed the "
-                            f"context length ({limit} tokens) of {cfg.source}")
+                            f"context length ({limit} tokens, {where})")
     backend, _ = registry.activate(args.backend, mode)  # an unavailable backend fails here, before the weights load
     choose_block_size(backend, args.block_size)  # so does a block size its mla_decode does not take
 
@@ -335,6 +336,8 @@ def _generate_one(llm, params, prompt_ids: list[int], args: argparse.Namespace) 
             final = out
         if args.stream:
             print()
+        if final is not None and final.error:
+            raise UserError(final.error)
     output = final.token_ids if final is not None else []
     text = final.text if final is not None else ""
     ttft = final.time_to_first_token if final is not None else None
@@ -393,11 +396,15 @@ def run_batch(llm, params, jobs, args: argparse.Namespace) -> int:
     """Every request of --input-file in one continuous batch; one JSON line per request, in input order."""
     per_request = [params.merged(**{k: v for k, v in extra.items() if k != "id"}) for _, extra in jobs]
     outs = llm.generate([ids for ids, _ in jobs], per_request)
+    errors = [(n, o.error) for n, o in enumerate(outs) if o.error]
+    for n, error in errors:
+        print(f"error: input {n + 1}: {one_line(error)}", file=sys.stderr)
     lines = []
     for n, ((ids, extra), out) in enumerate(zip(jobs, outs)):
         lines.append(json.dumps({"id": extra.get("id", n), "prompt_ids": ids, "output_ids": out.token_ids,
                                  "text": out.text if llm.tokenizer is not None else None,
-                                 "finish_reason": out.finish_reason}, ensure_ascii=False))
+                                 "finish_reason": out.finish_reason, **({"error": out.error} if out.error else {})},
+                                ensure_ascii=False))
     body = "\n".join(lines) + "\n"
     if args.output_file is None:
         sys.stdout.write(body)
@@ -406,7 +413,7 @@ def run_batch(llm, params, jobs, args: argparse.Namespace) -> int:
             staged.write(body.encode("utf-8"))
             staged.commit()
         print(f"wrote {len(lines)} outputs to {args.output_file}", file=sys.stderr)
-    return 0
+    return 2 if errors else 0
 
 
 def input_lines(prompt: str) -> Iterator[str]:

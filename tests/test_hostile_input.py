@@ -111,7 +111,7 @@ def test_logits_out_left_nowhere_when_the_run_fails_after_it(tmp_path, monkeypat
     def fails(*a, **k):
         raise UserError("generation failed on purpose")
 
-    monkeypatch.setattr(core.run, "_generate_and_report", fails)
+    monkeypatch.setattr(core.run, "_generate_one", fails)
     refused(run_main("core.run", "--prompt-ids", "0,5", "--logits-out", str(tmp_path / "l.safetensors")),
             "on purpose")
     assert list(tmp_path.iterdir()) == []

@@ -483,7 +483,7 @@ def test_generation_config_gives_defaults_and_explicit_fields_win(tmp_path):
     ({"eos_token_id": ["x\ny"]}, "eos_token_id must be"),
     ("{not json", "invalid JSON at line 1"),
     ("[1, 2]", "expected a JSON object, got list"),
-    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    ("[" * 100000 + "]" * 100000, "levels deep; refused"),
     (b"\xff\xfe{}", "not UTF-8"),
 ])
 def test_a_bad_generation_config_is_one_line_naming_the_file(tmp_path, content, expect):
@@ -501,7 +501,7 @@ def test_a_bad_generation_config_is_one_line_naming_the_file(tmp_path, content, 
 def test_json_reading_is_bounded_and_refuses_what_is_not_a_regular_file(tmp_path):
     big = tmp_path / "big.json"
     big.write_bytes(b"{" + b" " * (5 * 1024 * 1024) + b"}")
-    with pytest.raises(CheckpointError, match="bytes, more than the 4194304"):
+    with pytest.raises(CheckpointError, match="bytes exceeds the limit of 4194304 bytes"):
         read_json_object(big)
     assert read_json_object(big, max_bytes=6 * 1024 * 1024) == {}
     fifo = tmp_path / "fifo.json"

@@ -27,8 +27,8 @@ from torch import Tensor
 from core.batch import Batch, PagedCache
 from core.engine.blocks import BlockPool, blocks_in_budget
 from core.engine.request import FinishReason, Request
-from core.engine.sampling import (RequestSampler, SamplingParams, TokenLogprobs, accept, process, sample,
-                                  token_logprobs)
+from core.engine.sampling import (RequestSampler, SamplingParams, TokenLogprobs, accept, invalid_rows, process,
+                                  sample, token_logprobs)
 from core.engine.scheduler import ScheduledSeq, Scheduler, StepPlan, StepResult
 from core.engine.stop import stop_conditions
 from core.engine.text_stream import TextStream
@@ -77,6 +77,7 @@ class RequestOutput:
     new_logprobs: list[TokenLogprobs] | None = None
     drafts_proposed: int = 0
     drafts_accepted: int = 0
+    error: str | None = None  # why the engine ended it (finish_reason "abort"), e.g. non-finite logits
     time_to_first_token: float | None = None
     seconds: float = 0.0
 
@@ -221,11 +222,13 @@ class Engine:
             return []
         self.stats.steps += 1
         hidden = self._forward(plan)
-        emitted, raw_rows = self._sample(plan, hidden)
+        emitted, raw_rows, failed = self._sample(plan, hidden)
+        for rid in failed:  # ended now; update() skips them
+            self.scheduler.finish(rid, FinishReason.ABORT)
         drafts = self._draft(plan, hidden, emitted) if self.mtp_cache is not None else {}
         results = {rid: StepResult(toks, drafts.get(rid, [])) for rid, toks in emitted.items()}
         updates = self.scheduler.update(plan, results)
-        outputs = []
+        outputs = [self._failure(rid, message) for rid, message in failed.items()]
         for u in updates:
             out = self._output(u.request, u.new_token_ids, raw_rows.get(u.request.request_id, []), u.finished)
             if out is not None:
@@ -241,8 +244,11 @@ class Engine:
         batch = self._batch(seqs, [s.token_ids for s in seqs], len(plan.decodes))
         return self.model.forward(batch, self.cache)
 
-    def _sample(self, plan: StepPlan, hidden: Tensor) -> tuple[dict[str, list[int]], dict[str, list]]:
-        """Sampled tokens per request id, and the raw logits rows behind each emitted token (for logprobs)."""
+    def _sample(self, plan: StepPlan, hidden: Tensor
+                ) -> tuple[dict[str, list[int]], dict[str, list], dict[str, str]]:
+        """Sampled tokens per request id, the raw logits rows behind each emitted token (for logprobs), and the
+        requests whose logits cannot be sampled (NaN or infinite: a broken model or kernel), with why; only those
+        end, the rest of the batch goes on."""
         rows, kinds, seqs = [], [], []  # hidden row(s) per sampling sequence
         offset = 0
         for s in plan.seqs:
@@ -257,12 +263,18 @@ class Engine:
             offset += s.length
         emitted: dict[str, list[int]] = {}
         raw: dict[str, list[Tensor]] = {}
+        failed: dict[str, str] = {}
         if not seqs:
-            return emitted, raw
+            return emitted, raw, failed
         logits = self.model.logits(hidden[torch.tensor(rows, device=hidden.device)]).float()
-        plain = [i for i, k in enumerate(kinds) if k == "plain"]
-        verify = [i for i, k in enumerate(kinds) if k == "verify"]
         first_row = list(itertools.accumulate([0] + [2 if k == "verify" else 1 for k in kinds]))[:-1]
+        bad = set(invalid_rows(logits))
+        for i, s in enumerate(seqs):
+            if bad & {first_row[i], first_row[i] + (1 if kinds[i] == "verify" else 0)}:
+                failed[s.request_id] = (f"request {s.request_id!r}: the model produced NaN or infinite logits at "
+                                        f"position {s.end - 1} (non-finite weights, or a faulty backend kernel)")
+        plain = [i for i, k in enumerate(kinds) if k == "plain" and seqs[i].request_id not in failed]
+        verify = [i for i, k in enumerate(kinds) if k == "verify" and seqs[i].request_id not in failed]
         if plain:
             samplers = [seqs[i].request.sampler_state.sampler for i in plain]
             lg = logits[[first_row[i] for i in plain]]
@@ -295,9 +307,9 @@ class Engine:
                 else:
                     emitted[rid], raw[rid] = [int(first[j])], [l0[j]]
         for s in seqs:
-            for tok in emitted[s.request_id]:
+            for tok in emitted.get(s.request_id, ()):
                 s.request.sampler_state.sampler.append(tok)
-        return emitted, raw
+        return emitted, raw, failed
 
     def _draft(self, plan: StepPlan, hidden: Tensor, emitted: dict[str, list[int]]) -> dict[str, list[int]]:
         """Run the MTP module over this step's positions; returns the next draft of every sequence that sampled."""
@@ -307,6 +319,8 @@ class Engine:
         for s in plan.seqs:
             rows = list(range(offset, offset + s.length))
             offset += s.length
+            if s.samples and s.request_id not in emitted:  # ended this step (non-finite logits)
+                continue
             if s.decode:
                 toks = emitted[s.request_id]  # [draft, bonus] (accepted) or [correction]
                 groups[len(toks)].append((s, toks, rows[:len(toks)]))
@@ -343,6 +357,13 @@ class Engine:
 
     # -- outputs ---------------------------------------------------------------------------------------------------
 
+    def _failure(self, request_id: str, message: str) -> RequestOutput:
+        state = self._states.pop(request_id)
+        request = state.sampler
+        return RequestOutput(request_id, list(request.prompt_ids), list(request.output_ids),
+                             state.stream.text if state.stream is not None else "", [], "", True, "abort",
+                             error=message, seconds=time.perf_counter() - state.arrival)
+
     def _output(self, request: Request, new_ids: list[int], raw_rows: list[Tensor], finished: bool
                 ) -> RequestOutput | None:
         state: _State | None = self._states.get(request.request_id)
@@ -378,7 +399,6 @@ class Engine:
             stop_reason = last if last in request.stop_token_ids else None
         if finished:
             self._states.pop(request.request_id, None)
-            self.stats.drafts_proposed += 0
         return RequestOutput(
             request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
             token_ids=list(request.output_token_ids), text=state.stream.text if state.stream is not None else "",

@@ -73,6 +73,11 @@ class _Stop:
     pass
 
 
+@dataclass
+class _AbortAll:
+    error: APIError
+
+
 class EngineLoop:
     """Runs `engine` in a daemon thread. `submit`, `abort` and `stop` may be called from any thread."""
 
@@ -108,6 +113,10 @@ class EngineLoop:
         if request_ids:
             self._commands.put(_Abort(request_ids))
 
+    def abort_all(self, message: str = "the server is shutting down") -> None:
+        """Abort every request in flight; each one's sink gets a 503 APIError with `message`."""
+        self._commands.put(_AbortAll(APIError(503, message)))
+
     def stop(self, timeout: float = 10.0) -> None:
         """Abort whatever is still running, end the thread and wait for it (at most `timeout` seconds)."""
         if self._thread.is_alive():
@@ -140,7 +149,10 @@ class EngineLoop:
             self._stopped.set()
             self._observe_state()
 
-    def _apply(self, command: _Add | _Abort) -> None:
+    def _apply(self, command: _Add | _Abort | _AbortAll) -> None:
+        if isinstance(command, _AbortAll):
+            self._abort_all(command.error)
+            return
         if isinstance(command, _Abort):
             for rid in command.request_ids:
                 self._sinks.pop(rid, None)

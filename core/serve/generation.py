@@ -227,16 +227,20 @@ async def complete(served: ServedModel, job: Job, is_disconnected: Callable[[], 
     """Run a job to the end; the response body, or None if the client went away (its requests are aborted)."""
     run = _Run(served, job)
     run.start()
+    loop = asyncio.get_running_loop()
+    next_check = loop.time() + DISCONNECT_POLL_S
     try:
         while run.pending:
             try:
-                k, item = await asyncio.wait_for(run.queue.get(), DISCONNECT_POLL_S)
+                k, item = await asyncio.wait_for(run.queue.get(), max(0.0, next_check - loop.time()))
+                run.take(k, item)
             except asyncio.TimeoutError:
+                pass
+            if loop.time() >= next_check:
                 if await is_disconnected():
                     served.metrics.request_done(job.endpoint, "abort")
                     return None
-                continue
-            run.take(k, item)
+                next_check = loop.time() + DISCONNECT_POLL_S
     except APIError:
         served.metrics.request_done(job.endpoint, "error")
         raise

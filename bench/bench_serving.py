@@ -4,8 +4,8 @@ engine in this process, to show what the HTTP layer costs.
 
     python bench/bench_serving.py [--base-url URL --model NAME [--api-key KEY]] [--concurrency 1,8,32]
                                   [--num-prompts N] [--input-len 32] [--output-len 16] [--range-ratio 1.0]
-                                  [--vocab-size 500] [--backend cpu_ref] [--dtype float32] [--no-offline]
-                                  [--json FILE]
+                                  [--vocab-size 500] [--backend cpu_ref] [--dtype float32] [--threads N]
+                                  [--no-offline] [--json FILE]
 
 Without --base-url it starts `python -m core.serve` on the embedded default (the given --backend and --dtype) on a
 free loopback port and stops it afterwards. Prompts are random token ids in [10, --vocab-size) (as sglang's
@@ -13,6 +13,8 @@ free loopback port and stops it afterwards. Prompts are random token ids in [10,
 length (max_tokens with ignore_eos, greedy). Reported per concurrency: request throughput, output tokens/s, TTFT
 (send -> first streamed text) and TPOT ((latency - TTFT) / (output tokens - 1)) median and p99, and the offline
 engine's output tokens/s for the same requests with max_num_seqs = concurrency (the ratio is the HTTP overhead).
+`--threads N` gives the local server (OMP_NUM_THREADS) and the offline engine (torch.set_num_threads) the same CPU
+thread count; on a shared, oversubscribed CPU one thread is often several times faster than torch's default.
 """
 
 from __future__ import annotations
@@ -125,11 +127,15 @@ def summarize(results: list[Result], duration: float) -> dict:
             "errors": sorted({r.error for r in results if not r.ok})[:3]}
 
 
-def offline(llm_args: dict, reqs: list[Req], concurrency: int) -> float:
+def offline(llm_args: dict, reqs: list[Req], concurrency: int, threads: int | None) -> float:
     """Output tokens/s of the engine on the same requests, at most `concurrency` running at once."""
+    import torch
+
     from core.engine.engine import EngineConfig
     from core.engine.llm import LLM
 
+    if threads:
+        torch.set_num_threads(threads)
     llm = LLM(None, engine=EngineConfig(max_num_seqs=concurrency), **llm_args)
     llm.generate(reqs[0].prompt, llm.sampling(temperature=0, max_tokens=2, ignore_eos=True))  # warm-up
     params = [llm.sampling(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in reqs]
@@ -141,7 +147,7 @@ def offline(llm_args: dict, reqs: list[Req], concurrency: int) -> float:
 class LocalServer:
     """`python -m core.serve` on a free loopback port, stopped with SIGTERM."""
 
-    def __init__(self, backend: str, dtype: str, max_num_seqs: int):
+    def __init__(self, backend: str, dtype: str, max_num_seqs: int, threads: int | None):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -149,8 +155,8 @@ class LocalServer:
         self.log = tempfile.TemporaryFile()
         cmd = [sys.executable, "-m", "core.serve", "--backend", backend, "--dtype", dtype, "--port", str(self.port),
                "--max-num-seqs", str(max_num_seqs), "--log-level", "warning"]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -203,12 +209,13 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=500, help="prompt token ids are drawn from [10, this)")
     p.add_argument("--backend", default="cpu_ref")
     p.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"])
+    p.add_argument("--threads", type=int, help="CPU threads of the local server and the offline engine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-offline", action="store_true", help="skip the offline engine run")
     p.add_argument("--json", type=Path, help="write the rows as JSON here")
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    server = None if args.base_url else LocalServer(args.backend, args.dtype, max(levels))
+    server = None if args.base_url else LocalServer(args.backend, args.dtype, max(levels), args.threads)
     base_url = args.base_url or server.base_url
     rows, batches = [], {}
     try:
@@ -226,11 +233,11 @@ def main() -> None:
     if not args.no_offline:
         for row in rows:
             tok_s = offline({"backend": args.backend, "dtype": args.dtype}, batches[row["concurrency"]],
-                            row["concurrency"])
+                            row["concurrency"], args.threads)
             row["offline_output_tokens_per_s"] = tok_s
             row["http_over_offline"] = row["output_tokens_per_s"] / tok_s
     print(f"bench_serving: {base_url} model {args.model}; input {args.input_len}, output {args.output_len} tokens "
-          f"(range ratio {args.range_ratio}); {args.backend} {args.dtype}")
+          f"(range ratio {args.range_ratio}); {args.backend} {args.dtype}, threads {args.threads or 'default'}")
     print(table(rows))
     for row in rows:
         if row["errors"]:

@@ -416,3 +416,27 @@ def test_sigterm_aborts_in_flight_and_exits_cleanly():
         assert status == 0, server.log()[-2000:]
         assert n < 240 and elapsed < 20, (n, elapsed)
         assert "Traceback" not in server.log(), server.log()[-2000:]
+
+
+def test_chunked_oversized_body_is_refused(server):
+    def chunks():
+        for _ in range(BODY_LIMIT // 1024 + 8):
+            yield b" " * 1024  # no Content-Length: the server must count as it reads
+
+    r = httpx.post(server.url("/v1/completions"), headers=AUTH, content=chunks(), timeout=60)
+    assert r.status_code == 413 and str(BODY_LIMIT) in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("argv, needle", [(["--port", "70000"], "--port"), (["--max-num-seqs", "0"], "--max-num-seqs"),
+                                          (["--kv-cache-memory", "lots"], "--kv-cache-memory"),
+                                          (["--bogus"], "--bogus")])
+def test_cli_bad_options_are_one_line(argv, needle):
+    import subprocess
+    import sys
+
+    from tests.serve_support import ROOT
+
+    r = subprocess.run([sys.executable, "-m", "core.serve", *argv], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr, r.stderr

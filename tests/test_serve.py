@@ -230,7 +230,12 @@ def test_async_client_completion_and_chat(server, llm, rng):
 def test_64_concurrent_streams(server, llm, rng):
     prompts = [f"{i} {words(rng, rng.randint(1, 4))}" for i in range(64)]
     max_tokens = [rng.randint(3, 10) for _ in prompts]
-    want = llm.generate(prompts, [llm.sampling(temperature=0, max_tokens=m) for m in max_tokens])
+    is_chat = [i % 2 == 1 for i in range(64)]  # half completions, half chat
+    params = [llm.sampling(temperature=0, max_tokens=m) for m in max_tokens]
+    plain = llm.generate([p for p, c in zip(prompts, is_chat) if not c], [q for q, c in zip(params, is_chat) if not c])
+    chats = llm.chat([[{"role": "user", "content": p}] for p, c in zip(prompts, is_chat) if c],
+                     [q for q, c in zip(params, is_chat) if c])
+    want = [chats.pop(0) if c else plain.pop(0) for c in is_chat]
 
     async def one(c, prompt: str, m: int, chat: bool) -> tuple[str, str | None]:
         if chat:
@@ -244,7 +249,7 @@ def test_64_concurrent_streams(server, llm, rng):
 
     async def go():
         async with aclient(server) as c:
-            return await asyncio.gather(*(one(c, p, m, False) for p, m in zip(prompts, max_tokens)))
+            return await asyncio.gather(*(one(c, p, m, ch) for p, m, ch in zip(prompts, max_tokens, is_chat)))
 
     results = asyncio.run(go())
     for i, ((text, reason), w) in enumerate(zip(results, want)):

@@ -149,7 +149,8 @@ class ChatCompletionRequest(_GenerationRequest):
             if isinstance(content, list):
                 texts = []
                 for j, part in enumerate(content):
-                    if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    is_text = isinstance(part, dict) and part.get("type") == "text"
+                    if not is_text or not isinstance(part.get("text"), str):
                         kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                         raise bad_request(f"messages[{i}].content[{j}]: only text parts "
                                           f"({{\"type\": \"text\", \"text\": ...}}) are supported, got {kind!r}",

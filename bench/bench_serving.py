@@ -11,8 +11,9 @@ Without --base-url it starts `python -m core.serve` on the embedded default (the
 free loopback port and stops it afterwards. Prompts are random token ids in [10, --vocab-size) (as sglang's
 "random" dataset), lengths drawn uniformly from [len * range_ratio, len]; every request asks for exactly its output
 length (max_tokens with ignore_eos, greedy). Reported per concurrency: request throughput, output tokens/s, TTFT
-(send -> first streamed text) and TPOT ((latency - TTFT) / (output tokens - 1)) median and p99, and the offline
-engine's output tokens/s for the same requests with max_num_seqs = concurrency (the ratio is the HTTP overhead).
+(send -> first streamed chunk with choices) and TPOT ((latency - TTFT) / (output tokens - 1)) median and p99, and
+the offline engine's output tokens/s for the same requests with max_num_seqs = concurrency (the ratio is the HTTP
+overhead).
 `--threads N` gives the local server (OMP_NUM_THREADS) and the offline engine (torch.set_num_threads) the same CPU
 thread count; on a shared, oversubscribed CPU one thread is often several times faster than torch's default.
 """
@@ -85,7 +86,7 @@ async def one(client: httpx.AsyncClient, url: str, model: str, req: Req) -> Resu
                 data = json.loads(line[6:])
                 if "error" in data:
                     return Result(False, error=str(data["error"])[:200])
-                if ttft is None and data.get("choices") and data["choices"][0].get("text"):
+                if ttft is None and data.get("choices"):  # the first chunk that carries tokens
                     ttft = time.perf_counter() - t0
                 if data.get("usage"):
                     tokens = data["usage"]["completion_tokens"]

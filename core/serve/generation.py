@@ -296,7 +296,7 @@ async def stream(served: ServedModel, job: Job) -> AsyncIterator[str]:
                 yield _sse(e.body())
                 break
             lps = out.new_logprobs if job.num_logprobs is not None else None
-            if out.new_text or lps:
+            if out.new_token_ids or out.new_text or lps:  # a chunk per step with tokens, even if their text is held
                 if job.kind == "chat":
                     yield chunk(P.chat_delta_choice(k, {"content": out.new_text}, None,
                                                     chat_logprobs(lps, text) if lps else None))

@@ -180,7 +180,7 @@ def format_plan(p: Plan, worlds: list[int], weights: str, cache_dtype: str, devi
 def main(argv: list[str] | None = None) -> int:
     from core.checkpoint import read_config
     from core.default_model import load_default
-    from core.run import OneLineParser
+    from core.engine.options import OneLineParser
 
     ap = OneLineParser(prog="python -m core.plan", description="Memory per rank from config.json alone.")
     ap.add_argument("--model", type=Path, help="checkpoint directory (only config.json is read); default: embedded")

@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,41 +25,20 @@ import torch
 
 from core import registry
 from core.backend import RunMode, choose_block_size
+from core.engine.options import (OneLineParser, add_engine_options, add_model_options, check_engine_options,
+                                 engine_config)
 from core.errors import ContractError, UserError
 from core.safe_files import StagedFile, check_output_target, one_line, quote_name
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_PROMPT = "DeepSeek-V3 runs on every accelerator"
-SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20, "mb": 10 ** 6,
-              "g": 1 << 30, "gib": 1 << 30, "gb": 10 ** 9}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(f"{self.prog}: {message}")
-
-
-def byte_size(text: str) -> int:
-    """'2GiB', '512MiB', '1.5G' or a plain number of bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"expected a size such as 2GiB, 512MiB or 1000000, got {text!r}")
-    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).lower()])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineParser(prog="python -m core.run", description="Generate with a DeepSeek-V3-class model.",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model and backend")
-    m.add_argument("--backend", default="cpu_ref", help="backend name (see --list-backends)")
-    m.add_argument("--model", type=Path, help="Hugging Face checkpoint directory (default: the embedded model)")
-    m.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="working dtype")
-    m.add_argument("--mtp", action="store_true", help="speculative decoding with the MTP module")
-    m.add_argument("--strict", action="store_true", help="refuse a backend that leaves operators to cpu_ref")
-    m.add_argument("--interpret", action="store_true", help="run Triton kernels on the CPU (Triton interpreter)")
-    m.add_argument("--simulate", action="store_true", help="run a vendor library's emulation (CI without hardware)")
-    m.add_argument("--no-check-weights", action="store_true", help="skip the check for NaN and infinite weights "
-                   "at load")
+    add_model_options(m)
     m.add_argument("--list-backends", action="store_true", help="list discovered backends and whether they run here")
     m.add_argument("--plan", metavar="N[,N...]", help="print parameters, weight bytes per rank for N ranks and "
                    "latent-cache bytes per token from config.json alone, and exit (reads no weights)")
@@ -98,13 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     s.add_argument("--logprobs", type=int, help="return the sampled token's logprob and the N most likely (0-20)")
 
     e = p.add_argument_group("engine")
-    e.add_argument("--block-size", type=int, help="cache positions per block (default: the backend's preferred)")
-    e.add_argument("--kv-cache-memory", type=byte_size, help="latent-cache budget, e.g. 2GiB (default: half of "
-                   "the free device memory, at most what --max-num-seqs full-length sequences need)")
-    e.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
-    e.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per forward pass")
+    add_engine_options(e)
     e.add_argument("--prefill-chunk", type=int, help="prefill at most N tokens per step (sets the per-step budget)")
-    e.add_argument("--max-model-len", type=int, help="prompt + output limit (default: max_position_embeddings)")
     args = p.parse_args(argv)
     if args.temperature is not None and (not math.isfinite(args.temperature) or args.temperature < 0):
         raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
@@ -112,10 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise UserError(f"--seed must be in [0, 2^63), got {args.seed}")
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    for name in ("prefill_chunk", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    check_engine_options(args)
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise UserError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     if args.logits_out is not None and args.logits_out.suffix != ".safetensors":
         raise UserError(f"--logits-out: {quote_name(str(args.logits_out))} must end in .safetensors")
     if args.output_file is not None and args.input_file is None:
@@ -197,21 +169,6 @@ def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
                 ignore_eos=args.ignore_eos or None, seed=args.seed, logprobs=args.logprobs)
 
 
-def engine_config(args: argparse.Namespace):
-    from core.engine.engine import EngineConfig
-
-    width = 2 if args.mtp else 1
-    budget, seqs = args.max_num_batched_tokens, args.max_num_seqs
-    if args.prefill_chunk is not None:
-        if args.prefill_chunk < width:
-            raise UserError(f"--prefill-chunk must be >= {width} with{'' if args.mtp else 'out'} --mtp, "
-                            f"got {args.prefill_chunk}")
-        budget, seqs = args.prefill_chunk, min(seqs, args.prefill_chunk // width)
-    return EngineConfig(block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, max_num_seqs=seqs,
-                        max_num_batched_tokens=max(budget, seqs * width), max_model_len=args.max_model_len,
-                        mtp=args.mtp)
-
-
 def main(argv: list[str] | None = None) -> int:
     from core.checkpoint import read_config
     from core.default_model import load_default
@@ -251,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     choose_block_size(backend, args.block_size)  # so does a block size its mla_decode does not take
 
     llm = LLM(args.model, backend=args.backend, dtype=args.dtype, strict=args.strict, interpret=args.interpret,
-              simulate=args.simulate, engine=engine_config(args), tokenizer=tokenizer,
+              simulate=args.simulate, engine=engine_config(args, args.prefill_chunk), tokenizer=tokenizer,
               check_weights=not args.no_check_weights)
     if args.chat:
         return chat_loop(llm, params, args)

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     log = logging.getLogger("core.serve")
     llm = LLM(args.model, backend=args.backend, dtype=args.dtype, strict=args.strict, interpret=args.interpret,
-              simulate=args.simulate, engine=engine_config(args))
+              simulate=args.simulate, engine=engine_config(args), check_weights=not args.no_check_weights)
     engine = llm.engine
     metrics = ServerMetrics(args.served_model_name)
     served = ServedModel(name=args.served_model_name, loop=EngineLoop(engine, metrics), tokenizer=llm.tokenizer,

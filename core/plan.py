@@ -15,7 +15,6 @@ one float32 scale per 128x128 block for every projection (`--weights fp8`, what 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path

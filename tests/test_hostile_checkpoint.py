@@ -18,7 +18,7 @@ from core.config import ModelConfig
 from core.default_model import DEFAULT_CONFIG, checkpoint_tensors, float_state_dict, write_checkpoint
 from core.errors import CheckpointError, UserError
 from core.safe_files import quote_name, read_json_file, read_yaml_file
-from tests.helpers import load_ours, run_main
+from tests.helpers import load_ours, refused, run_main
 
 SMALL = {**DEFAULT_CONFIG, "num_hidden_layers": 1, "vocab_size": 300}
 
@@ -50,13 +50,6 @@ def one_line_error(fn, kind=UserError) -> str:
     return message
 
 
-def refused(result, *needles) -> str:
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def rewrite_index(d, change):

@@ -18,16 +18,9 @@ import core.safe_files
 from core.errors import UserError
 from core.generate import Sampler
 from core.safe_files import write_files_atomically
-from tests.helpers import ROOT, run_main
+from tests.helpers import ROOT, refused, run_main
 
 
-def refused(result, *needles) -> str:
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 def output_ids(*args) -> list[int]:

@@ -13,8 +13,8 @@ keeps the main model's distribution.
 
 The cache is paged (contract v2): each sequence holds blocks from one `BlockPool` as it grows, and gives them back
 the moment it is done. The pool starts with the prompts' blocks and grows (with the cache tensors, by a quarter at a
-time, never past v1's worst case) when a sequence needs more, so nothing is reserved for `max_new_tokens` up front. The MTP module's one-layer cache shares the main
-cache's block tables: its entries 1..m sit at positions 0..m-1, exactly as many as the main cache holds.
+time, never past v1's worst case) when a sequence needs more, so nothing is reserved for `max_new_tokens` up
+front. The MTP module's one-layer cache shares the main cache's block tables: its entries 1..m sit at positions 0..m-1, exactly as many as the main cache holds.
 """
 
 from __future__ import annotations

@@ -115,7 +115,8 @@ def test_nothing_is_reserved_for_max_new_tokens_up_front(model):
 
 def test_block_size_comes_from_the_manifest():
     ref = registry.load("cpu_ref")
-    assert ref.manifest.cache.block_sizes is None and choose_block_size(ref, 3) == 3 and choose_block_size(ref, None) == 16
+    assert ref.manifest.cache.block_sizes is None
+    assert choose_block_size(ref, 3) == 3 and choose_block_size(ref, None) == 16
     limited = dataclasses.replace(ref, manifest=dataclasses.replace(ref.manifest, cache=CacheSpec((64, 128), 128)))
     assert choose_block_size(limited, None) == 128 and choose_block_size(limited, 64) == 64
     with pytest.raises(UserError, match=r"--block-size 16: backend cpu_ref takes block sizes 64, 128"):

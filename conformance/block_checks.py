@@ -1,8 +1,8 @@
 """Block level: one MLA layer (a varlen prefill, then decode steps of one and of two new tokens against the paged
 latent cache, shuffled block tables and NaN-poisoned unused blocks, and one MIXED step where one sequence decodes
-while the other prefills a chunk) and one MoE layer with the reference's routing injected, so that a gate difference cannot hide an
-expert-GEMM bug. Both run the real graph code (core.model) with the backend's operators and weight preparation,
-against the same code in float64 with cpu_ref."""
+while the other prefills a chunk) and one MoE layer with the reference's routing injected, so that a gate
+difference cannot hide an expert-GEMM bug. Both run the real graph code (core.model) with the backend's operators
+and weight preparation, against the same code in float64 with cpu_ref."""
 
 from __future__ import annotations
 

@@ -12,9 +12,9 @@ draft is accepted with probability min(1, p/q) and a rejected one is resampled f
 keeps the main model's distribution.
 
 The cache is paged (contract v2): each sequence holds blocks from one `BlockPool` as it grows, and gives them back
-the moment it is done. The pool starts with the prompts' blocks and grows (with the cache tensors) when a sequence
-needs more, so nothing is reserved for `max_new_tokens` up front. The MTP module's one-layer cache shares the main
-cache's block tables: its entries 1..m sit at positions 0..m-1, exactly as many as the main cache holds.
+the moment it is done. The pool starts with the prompts' blocks and grows (with the cache tensors, by a quarter at a
+time, never past v1's worst case) when a sequence needs more, so nothing is reserved for `max_new_tokens` up
+front. The MTP module's one-layer cache shares the main cache's block tables: its entries 1..m sit at positions 0..m-1, exactly as many as the main cache holds.
 """
 
 from __future__ import annotations
@@ -109,8 +109,9 @@ class Paging:
     """The block tables of a run's sequences over one growable `BlockPool`; every cache in `caches` (main, MTP)
     has the pool's size and is addressed by the same tables."""
 
-    def __init__(self, pool: BlockPool, caches: list[PagedCache]):
-        self.pool, self.caches = pool, list(caches)
+    def __init__(self, pool: BlockPool, caches: list[PagedCache], max_blocks: int | None = None):
+        """max_blocks: the most the pool ever needs (growth stops there); None: no bound."""
+        self.pool, self.caches, self.max_blocks = pool, list(caches), max_blocks
         self.tables: dict[int, list[int]] = {}
 
     def add_cache(self, cache: PagedCache) -> None:
@@ -123,7 +124,11 @@ class Paging:
         need = self.pool.blocks_needed(positions) - len(table)
         if need > 0:
             if not self.pool.can_allocate(need):
-                self.pool.grow(max(need - self.pool.num_free, self.pool.num_blocks))
+                short = need - self.pool.num_free
+                extra = max(short, -(-self.pool.num_blocks // 4))  # +25%: amortised copies, bounded waste
+                if self.max_blocks is not None:
+                    extra = max(short, min(extra, self.max_blocks - self.pool.num_blocks))
+                self.pool.grow(extra)
                 for cache in self.caches:
                     cache.grow(self.pool.num_blocks)
             table += self.pool.allocate(need)
@@ -146,10 +151,12 @@ class Generator:
         self.cfg = model.cfg
         self.block_size = model.block_size(block_size)
 
-    def new_paging(self, prompts: list[list[int]]) -> Paging:
-        """A pool and main cache sized for the prompts (+2 positions each); both grow on demand."""
+    def new_paging(self, prompts: list[list[int]], max_new_tokens: int = 0) -> Paging:
+        """A pool and main cache sized for the prompts (+2 positions each); both grow on demand, by a quarter at a
+        time, never past what every sequence running to max_new_tokens needs (v1's reservation, block-rounded)."""
         blocks = max(sum(blocks_for(len(p) + 2, self.block_size) for p in prompts), 1)
-        return Paging(BlockPool(blocks, self.block_size), [self.model.new_cache(blocks, self.block_size)])
+        bound = max(sum(blocks_for(len(p) + max_new_tokens + 2, self.block_size) for p in prompts), blocks)
+        return Paging(BlockPool(blocks, self.block_size), [self.model.new_cache(blocks, self.block_size)], bound)
 
     def check(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         vocab, limit = self.cfg.vocab_size, self.cfg.max_position_embeddings
@@ -231,7 +238,7 @@ class Generator:
         self.max_new = max_new_tokens
         seqs = [_Seq(list(p), length=len(p)) for p in prompts]
         model = self.model
-        paging = self.paging = self.new_paging(prompts)  # kept for inspection: every block is free after the run
+        paging = self.paging = self.new_paging(prompts, max_new_tokens)  # kept for inspection: all free at the end
 
         start = time.perf_counter()
         hidden = self.prefill(prompts, paging)

@@ -48,7 +48,8 @@ def decode_inputs(lens: list[int], s_new: int, heads: int, rank: int, rope: int,
     rows = [torch.randn(n, rank + rope, generator=g) for n in lens]
     if not rows:
         cache = torch.full((spare, block_size, rank + rope), float("nan"), dtype=dtype)
-        return q[..., :rank], q[..., rank:], cache, torch.zeros(0, 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int64)
+        empty_table, no_lens = torch.zeros(0, 1, dtype=torch.int32), torch.zeros(0, dtype=torch.int64)
+        return q[..., :rank], q[..., rank:], cache, empty_table, no_lens
     cache, table = paged_cache(rows, block_size, g, spare, dtype)
     return q[..., :rank], q[..., rank:], cache, table, torch.tensor(lens, dtype=torch.int64)
 

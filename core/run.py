@@ -207,8 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     backend, _ = registry.activate(args.backend, mode)  # an unavailable backend fails here, before the weights load
     choose_block_size(backend, args.block_size)  # so does a block size its mla_decode does not take
 
+    config = engine_config(args, args.prefill_chunk)
+    if jobs:  # every request is known: the cache never needs more than they can use (each block partly empty)
+        config.max_cache_positions = sum(len(ids) + args.max_new_tokens + 2 for ids, _ in jobs)
     llm = LLM(args.model, backend=args.backend, dtype=args.dtype, strict=args.strict, interpret=args.interpret,
-              simulate=args.simulate, engine=engine_config(args, args.prefill_chunk), tokenizer=tokenizer,
+              simulate=args.simulate, engine=config, tokenizer=tokenizer,
               check_weights=not args.no_check_weights)
     if args.chat:
         return chat_loop(llm, params, args)

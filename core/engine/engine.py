@@ -44,7 +44,8 @@ class EngineConfig:
 
     block_size: cache positions per block (None: the backend's preferred size).
     kv_cache_memory: bytes for the latent cache (main layers and the MTP layer together). None: the smaller of
-      `kv_cache_fraction` of the device's free memory and what `max_num_seqs` full-length sequences could use.
+      `kv_cache_fraction` of the device's free memory and what `max_num_seqs` full-length sequences could use
+      (or `max_cache_positions`, when the caller knows every request up front).
     max_num_seqs: sequences running at once. max_num_batched_tokens: tokens per forward pass (prefill chunks fill
       what decodes leave). max_model_len: prompt + output limit (None: the config's max_position_embeddings).
     """
@@ -56,6 +57,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     mtp: bool = False
+    max_cache_positions: int | None = None  # with no budget given: never allocate more positions than this
 
 
 @dataclass
@@ -144,7 +146,10 @@ class Engine:
         bytes_per_token = layers * cfg.latent_width * torch.finfo(model.dtype).bits // 8
         budget = c.kv_cache_memory
         if budget is None:
-            want = c.max_num_seqs * (self.max_model_len + 2) * bytes_per_token
+            positions = c.max_num_seqs * (self.max_model_len + 2)
+            if c.max_cache_positions is not None:  # what the requests known up front can use (core.run)
+                positions = min(positions, c.max_cache_positions)
+            want = (positions + c.max_num_seqs * self.block_size) * bytes_per_token  # + a last block per sequence
             budget = min(int(free_device_memory(model.device) * c.kv_cache_fraction), want)
         num_blocks = blocks_in_budget(budget, self.block_size, bytes_per_token)
         self.bytes_per_token = bytes_per_token

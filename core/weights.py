@@ -20,6 +20,8 @@ from core.dispatch import Dispatch
 from core.errors import CheckpointError
 from core.fp8 import dequantize_blocks, scale_grid
 from core.ops import FP8_BLOCK
+from core.parallel.loading import Split, read_checked, read_weight_split
+from core.parallel.shard import ShardPlan, Span
 
 
 @dataclass
@@ -56,6 +58,7 @@ class MoE:
     bias: Tensor | None  # e_score_correction_bias, float32
     experts: object  # what prepare_experts returned
     shared: MLP | None
+    local_experts: Span | None = None  # the routed experts this rank holds (None: all of them)
 
 
 @dataclass
@@ -83,6 +86,7 @@ class Weights:
     lm_head: Linear
     mtp: MTP | None
     notes: list[str] = field(default_factory=list)
+    vocab_start: int = 0  # first vocabulary row of `embed` and `lm_head` on this rank (vocabulary parallel)
 
 
 def rope_half_permutation(p: int) -> list[int]:
@@ -91,19 +95,32 @@ def rope_half_permutation(p: int) -> list[int]:
 
 
 class WeightLoader:
-    def __init__(self, source: TensorSource, ops: Dispatch, device: torch.device, dtype: torch.dtype):
+    """Reads a checkpoint through the backend's prepare hooks. `shard` (core.parallel): the slices this rank
+    keeps (None: everything); `strict` refuses a split that would cut FP8 scale blocks."""
+
+    def __init__(self, source: TensorSource, ops: Dispatch, device: torch.device, dtype: torch.dtype,
+                 shard: ShardPlan | None = None, strict: bool = False):
         self.src, self.ops, self.device, self.dtype = source, ops, device, dtype
         self.cfg: ModelConfig = source.config
         self.notes: list[str] = []
+        self.shard = shard or ShardPlan.for_rank(self.cfg, 0, 1)
+        self.strict = strict
 
     # -- single tensors ------------------------------------------------------------------------------------------
 
-    def tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> Tensor:
-        t = check_tensor(self.src, name, shape, FLOAT_DTYPES)
+    def tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None,
+               split: Split | None = None) -> Tensor:
+        if split is not None and not split.span.whole:
+            t = read_checked(self.src, name, shape, split, FLOAT_DTYPES)
+        else:
+            t = check_tensor(self.src, name, shape, FLOAT_DTYPES)
         return t.to(device=self.device, dtype=dtype or self.dtype)
 
-    def raw_weight(self, name: str, shape: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
-        """(weight, scale_inv) as stored: FP8 codes with their block scales, or a float weight."""
+    def raw_weight(self, name: str, shape: tuple[int, int], split: Split | None = None) -> tuple[Tensor, Tensor | None]:
+        """(weight, scale_inv) as stored: FP8 codes with their block scales, or a float weight; with `split`, this
+        rank's slice only (core.parallel.loading)."""
+        if split is not None and not split.span.whole:
+            return read_weight_split(self.src, name, shape, split, self.dtype, self.strict, self.notes)
         w = check_tensor(self.src, name, shape, FLOAT_DTYPES + FP8_DTYPES)
         if w.dtype not in FP8_DTYPES:
             if self.src.has(name + "_scale_inv"):
@@ -115,11 +132,15 @@ class WeightLoader:
         return w, scale
 
     def linear(self, prefix: str, shape: tuple[int, int], rope_rows: list[tuple[int, int]] = (),
-               float_weight_dtype: torch.dtype | None = None) -> Linear:
-        w, scale = self.raw_weight(prefix + ".weight", shape)
+               float_weight_dtype: torch.dtype | None = None, split: Split | None = None) -> Linear:
+        """`shape` is the checkpoint's (full) shape; `split` the slice this rank keeps; `rope_rows` are (start,
+        length) in the rows kept."""
+        w, scale = self.raw_weight(prefix + ".weight", shape, split)
         bias = None
         if self.cfg.attention_bias and prefix.rsplit(".", 1)[-1] in ("q_a_proj", "kv_a_proj_with_mqa", "o_proj"):
             bias = self.tensor(prefix + ".bias", (shape[0],))
+            if split is not None and split.dim == 1 and split.span.start != 0:
+                bias = torch.zeros_like(bias)  # a column split sums partial outputs: one rank adds the bias
         if rope_rows and self.cfg.rope_interleave:
             w, scale, bias = self._permute_rope_rows(prefix, w, scale, bias, rope_rows)
         return self.prepared(w, scale, bias, float_weight_dtype)
@@ -148,33 +169,40 @@ class WeightLoader:
 
     def attention(self, p: str) -> Attention:
         c = self.cfg
-        d, h, r, pe = c.hidden_size, c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
+        d, heads, r, pe = c.hidden_size, c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
         qk, nope, v = c.qk_head_dim, c.qk_nope_head_dim, c.v_head_dim
+        mine = self.shard.heads  # tensor parallel: this rank's heads
+        h = mine.size
         q_rope_rows = [(i * qk + nope, pe) for i in range(h)]
         q_a = q_a_norm = q_b = q = None
         if c.q_lora_rank:
             q_a = self.linear(p + "q_a_proj", (c.q_lora_rank, d))
             q_a_norm = self.tensor(p + "q_a_layernorm.weight", (c.q_lora_rank,))
-            q_b = self.linear(p + "q_b_proj", (h * qk, c.q_lora_rank), q_rope_rows)
+            q_b = self.linear(p + "q_b_proj", (heads * qk, c.q_lora_rank), q_rope_rows,
+                              split=Split(0, mine.scaled(qk), heads))
         else:
-            q = self.linear(p + "q_proj", (h * qk, d), q_rope_rows)
+            q = self.linear(p + "q_proj", (heads * qk, d), q_rope_rows, split=Split(0, mine.scaled(qk), heads))
         kv_a = self.linear(p + "kv_a_proj_with_mqa", (r + pe, d), [(r, pe)])
-        kv_w, kv_scale = self.raw_weight(p + "kv_b_proj.weight", (h * (nope + v), r))
+        kv_w, kv_scale = self.raw_weight(p + "kv_b_proj.weight", (heads * (nope + v), r),
+                                         Split(0, mine.scaled(nope + v), heads))
         dense = dequantize_blocks(kv_w, kv_scale, self.dtype).to(self.device).view(h, nope + v, r)
         return Attention(
             q_a=q_a, q_a_norm=q_a_norm, q_b=q_b, q=q, kv_a=kv_a,
             kv_a_norm=self.tensor(p + "kv_a_layernorm.weight", (r,)),
             kv_b=self.prepared(kv_w, kv_scale),
             w_uk=dense[:, :nope].contiguous(), w_uv=dense[:, nope:].contiguous(),
-            o=self.linear(p + "o_proj", (d, h * v)),
+            o=self.linear(p + "o_proj", (d, heads * v), split=Split(1, mine.scaled(v), heads)),
         )
 
-    def mlp(self, p: str, inter: int) -> MLP:
+    def mlp(self, p: str, inter: int, mine: Span | None = None) -> MLP:
+        """Gate/up rows and down columns `mine` of the `inter` intermediate channels (None: all)."""
         d = self.cfg.hidden_size
-        gate_w, gate_s = self.raw_weight(p + "gate_proj.weight", (inter, d))
-        up_w, up_s = self.raw_weight(p + "up_proj.weight", (inter, d))
-        down = self.linear(p + "down_proj", (d, inter))
-        if (gate_s is None) == (up_s is None) and (gate_s is None or inter % FP8_BLOCK == 0):
+        mine = mine or Span(0, inter, inter)
+        rows, cols = Split(0, mine, inter), Split(1, mine, inter)
+        gate_w, gate_s = self.raw_weight(p + "gate_proj.weight", (inter, d), rows)
+        up_w, up_s = self.raw_weight(p + "up_proj.weight", (inter, d), rows)
+        down = self.linear(p + "down_proj", (d, inter), split=cols)
+        if (gate_s is None) == (up_s is None) and (gate_s is None or mine.size % FP8_BLOCK == 0):
             fused_s = None if gate_s is None else torch.cat([gate_s, up_s])
             return MLP(self.prepared(torch.cat([gate_w, up_w]), fused_s), None, None, down)
         return MLP(None, self.prepared(gate_w, gate_s), self.prepared(up_w, up_s), down)
@@ -183,7 +211,7 @@ class WeightLoader:
         c = self.cfg
         d, inter = c.hidden_size, c.moe_intermediate_size
         parts: dict[str, list] = {k: [] for k in ("gate", "up", "down")}
-        for e in range(c.n_routed_experts):
+        for e in range(self.shard.experts.start, self.shard.experts.stop):  # expert parallel: whole experts
             for kind, shape in (("gate", (inter, d)), ("up", (inter, d)), ("down", (d, inter))):
                 parts[kind].append(self.raw_weight(f"{p}experts.{e}.{kind}_proj.weight", shape))
         stacked = []
@@ -206,8 +234,10 @@ class WeightLoader:
         bias = self.tensor(bias_name, (c.n_routed_experts,), router_dtype) if self.src.has(bias_name) else None
         shared = None
         if c.n_shared_experts:
-            shared = self.mlp(p + "shared_experts.", c.moe_intermediate_size * c.n_shared_experts)
-        return MoE(router, bias, self.experts(p), shared)
+            shared = self.mlp(p + "shared_experts.", c.moe_intermediate_size * c.n_shared_experts,
+                              self.shard.shared_inter)
+        local = None if self.shard.experts.whole else self.shard.experts
+        return MoE(router, bias, self.experts(p), shared, local)
 
     def layer(self, i: int, moe: bool) -> Layer:
         p = f"model.layers.{i}."
@@ -216,7 +246,8 @@ class WeightLoader:
             input_norm=self.tensor(p + "input_layernorm.weight", (d,)),
             attn=self.attention(p + "self_attn."),
             post_norm=self.tensor(p + "post_attention_layernorm.weight", (d,)),
-            ffn=self.moe(p + "mlp.") if moe else self.mlp(p + "mlp.", self.cfg.intermediate_size),
+            ffn=self.moe(p + "mlp.") if moe else self.mlp(p + "mlp.", self.cfg.intermediate_size,
+                                                            self.shard.dense_inter),
         )
 
     def mtp(self) -> MTP | None:
@@ -241,10 +272,11 @@ class WeightLoader:
 
     def load(self, with_mtp: bool = True) -> Weights:
         c = self.cfg
-        embed = self.tensor("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
+        vocab = Split(0, self.shard.vocab, c.vocab_size)  # vocabulary parallel
+        embed = self.tensor("model.embed_tokens.weight", (c.vocab_size, c.hidden_size), split=vocab)
         head_name = "model.embed_tokens" if c.tie_word_embeddings else "lm_head"
-        lm_head = self.linear(head_name, (c.vocab_size, c.hidden_size))
+        lm_head = self.linear(head_name, (c.vocab_size, c.hidden_size), split=vocab)
         layers = [self.layer(i, c.is_moe_layer(i)) for i in range(c.num_hidden_layers)]
         norm = self.tensor("model.norm.weight", (c.hidden_size,))
         mtp = self.mtp() if with_mtp else None
-        return Weights(embed, layers, norm, lm_head, mtp, self.notes)
+        return Weights(embed, layers, norm, lm_head, mtp, self.notes, self.shard.vocab.start)

@@ -3,6 +3,8 @@
     python -m core.run [--backend NAME] [--model DIR] [--dtype bfloat16|float32] [--prompt TEXT | --prompt-ids 1,2,3]
                        [--max-new-tokens N] [--temperature T] [--seed S] [--mtp] [--strict] [--interpret]
                        [--simulate] [--prefill-chunk N] [--json] [--logits-out FILE.safetensors] [--list-backends]
+                       [--moe-combine all_reduce|all_to_all]
+    torchrun --nproc-per-node N -m core.run ...      (tensor + expert parallel over N ranks; see core.parallel)
 
 Bad input ends with one line on stderr naming what is wrong and exit status 2; set DSV3_DEBUG=1 for tracebacks.
 """
@@ -24,6 +26,7 @@ from core import registry
 from core.backend import RunMode
 from core.dispatch import Dispatch
 from core.errors import ContractError, UserError
+from core.parallel import launch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_PROMPT = "DeepSeek-V3 runs on every accelerator"
@@ -54,6 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.add_argument("--logits-out", type=Path, help="write float32 teacher-forced prompt logits [S, V] here")
     p.add_argument("--list-backends", action="store_true", help="list discovered backends and whether they run here")
+    p.add_argument("--moe-combine", default="all_reduce", choices=["all_reduce", "all_to_all"],
+                   help="under torchrun: combine routed experts by all_reduce of partial sums or all_to_all dispatch")
     args = p.parse_args(argv)
     if not math.isfinite(args.temperature) or args.temperature < 0:
         raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
@@ -105,11 +110,6 @@ def write_logits(path: Path, logits: torch.Tensor) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from core.default_model import load_default
-    from core.generate import Generator
-    from core.model import Model
-    from core.tokenizer import for_checkpoint
-
     args = parse_args(argv)
     mode = RunMode(interpret=args.interpret, simulate=args.simulate)
     if args.list_backends:
@@ -119,11 +119,28 @@ def main(argv: list[str] | None = None) -> int:
     reference = registry.load(registry.REFERENCE)
     ops = Dispatch(backend, reference, strict=args.strict, numerics=avail.numerics)
     dtype = DTYPES[args.dtype]
+    par = launch.from_environment(backend, avail.device, args.moe_combine, args.strict)  # one process: no-op
+    try:
+        return run(args, backend, avail, ops, dtype, par)
+    finally:
+        launch.shutdown()
+
+
+def run(args: argparse.Namespace, backend, avail, ops, dtype, par) -> int:
+    from core.default_model import load_default
+    from core.model import Model
 
     t0 = time.perf_counter()
     source = load_default() if args.model is None else args.model
-    model = Model.load(source, ops, avail.device, dtype, with_mtp=args.mtp)
+    model = par.agree("loading", lambda: Model.load(source, ops, par.device, dtype, with_mtp=args.mtp, parallel=par))
     load_seconds = time.perf_counter() - t0
+    return par.agree("generation", lambda: generate(args, backend, avail, ops, dtype, par, model, load_seconds))
+
+
+def generate(args, backend, avail, ops, dtype, par, model, load_seconds: float) -> int:
+    from core.generate import Generator
+    from core.tokenizer import for_checkpoint
+
     cfg = model.cfg
     tokenizer = for_checkpoint(args.model, cfg.bos_token_id)
     if args.prompt_ids is not None:
@@ -136,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     gen = Generator(model, args.prefill_chunk)
     gen.check([prompt_ids], args.max_new_tokens)
     if args.logits_out is not None:
-        write_logits(args.logits_out, gen.teacher_forced_logits(prompt_ids))
+        logits = gen.teacher_forced_logits(prompt_ids)  # every rank: the forward pass is collective
+        if par.is_first:
+            write_logits(args.logits_out, logits)
     result = gen.generate([prompt_ids], args.max_new_tokens, args.temperature, args.seed, mtp=args.mtp,
                           stop_at_eos=not args.ignore_eos)
     output = result.output_ids[0]
@@ -144,7 +163,10 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "backend": backend.name,
-        "device": str(avail.device),
+        "device": str(par.device),
+        "world_size": par.world_size,
+        "communicator": par.comm.describe(),
+        "moe_combine": args.moe_combine,
         "dtype": args.dtype,
         "model": str(args.model) if args.model else "embedded default",
         "dispatch": ops.table(),
@@ -166,8 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.logits_out is not None:
         report["logits_out"] = str(args.logits_out)
 
-    print(f"backend {backend.name} on {avail.device} ({args.dtype}); model: {report['model']}")
+    print(f"backend {backend.name} on {par.device} ({args.dtype}); model: {report['model']}")
     print(ops.format_table())
+    if par.world_size > 1:
+        print(f"parallel: {par.comm.describe()}, MoE combine {args.moe_combine}")
     for note in model.w.notes:
         print(f"note: {note}")
     print(f"prompt: {len(prompt_ids)} tokens; generated {len(output)} tokens")

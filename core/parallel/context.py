@@ -3,6 +3,8 @@ how it agrees with the other ranks on failures (so that every rank exits with th
 
 from __future__ import annotations
 
+import os
+import traceback
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
@@ -60,6 +62,8 @@ class Parallel:
         except (UserError, ContractError, CheckpointError) as e:
             error = str(e)
         except Exception as e:  # noqa: BLE001 -- reported to every rank as one line, then raised there
+            if os.environ.get("DSV3_DEBUG"):
+                traceback.print_exc()
             error = f"{type(e).__name__}: {e}".splitlines()[0]
         errors = self.agree_fn(error)
         for rank, err in enumerate(errors):

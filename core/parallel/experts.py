@@ -76,7 +76,7 @@ class AllToAllExperts:
         per_pair = torch.empty_like(back)
         per_pair[order] = back
         w = weights[t0:t1].to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        mine_sum = (per_pair.to(w.dtype).view(t1 - t0, k, -1) * w[..., None]).sum(dim=1)
+        mine_sum = (per_pair.to(w.dtype).view(t1 - t0, k, x.shape[1]) * w[..., None]).sum(dim=1)
         share = torch.zeros(x.shape, dtype=x.dtype, device=x.device)
         share[t0:t1] = mine_sum.to(x.dtype)
         return share

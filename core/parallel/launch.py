@@ -3,8 +3,10 @@ RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), the process group on the backend's 
 the backend's device `LOCAL_RANK`, and only rank 0 printing. With WORLD_SIZE unset or 1 nothing is initialised.
 
 Failures: `Parallel.agree` makes every rank learn a failure at the next agreement point (after loading, and at the
-end of the run) and exit with the same status and one line; a rank that dies inside a collective is noticed by
-the others through the process group's timeout (DSV3_DIST_TIMEOUT seconds, default 300) instead of a hang.
+end of the run) and exit with the same status and one line. A rank that fails between collectives goes straight to
+the agreement; the others notice at their next collective, which times out after DSV3_DIST_TIMEOUT seconds
+(default 300), and join it (the agreement's own group waits twice as long), so nothing hangs. A rank that dies
+outright is torchrun's to notice: it ends the others.
 """
 
 from __future__ import annotations
@@ -91,7 +93,9 @@ def from_environment(backend: Backend, device: torch.device, moe_combine: str = 
         except (RuntimeError, ValueError) as e:
             raise UserError(f"cannot start torch.distributed ({backend.dist_backend}, rank {rank} of {world}): "
                             f"{str(e).splitlines()[0]}") from None
-    control = dist.group.WORLD if backend.dist_backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    # failures are agreed on over a separate gloo group that waits longer than a data collective does, so a rank
+    # that failed outside a collective still hears from the ranks whose next collective timed out waiting for it
+    control = dist.new_group(backend="gloo", timeout=2 * timeout + timedelta(seconds=10))
     make = getattr(backend, "communicator", None)
     comm = make(dist.group.WORLD) if make is not None else TorchDistributed(backend.dist_backend)
 

@@ -126,9 +126,13 @@ def default_single(tmp_path_factory):
     return tmp, report(single(*gen_args(tmp, "one")))
 
 
-def test_default_two_ranks_all_reduce_equals_one_process(default_single):
+def test_default_fp8_on_disk_two_ranks_all_reduce_equals_one_process(default_single):
+    """The embedded default written as a sharded FP8 checkpoint: each rank reads its slices from the files."""
+    from core.default_model import DEFAULT_CONFIG, checkpoint_tensors, float_state_dict, write_checkpoint
+
     tmp, one = default_single
-    results = run_ranks(2, *gen_args(tmp, "two"))
+    write_checkpoint(tmp / "fp8", checkpoint_tensors(float_state_dict()), DEFAULT_CONFIG, shards=3)
+    results = run_ranks(2, *gen_args(tmp, "two", "--model", str(tmp / "fp8")))
     assert [s for s, _, _ in results] == [0, 0]
     assert results[1][1] == "" and results[1][2] == "", "only rank 0 prints"
     two = report(results[0])
@@ -153,8 +157,12 @@ def test_two_launchers_nnodes_2_on_loopback(default_single):
     assert_same_run(tmp, report(results[0]), one, "nodes", "one")
 
 
-def test_transformers_checkpoint_two_ranks_both_combines_and_mtp(tmp_path):
+def test_transformers_bf16_checkpoint_two_ranks_both_combines_and_mtp(tmp_path):
+    """transformers writes the checkpoint; its tensors are then stored in bfloat16 (the FP8 case is the default)."""
     build_hf(tmp_path / "ckpt", fresh_seed())
+    path = tmp_path / "ckpt" / "model.safetensors"
+    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(str(path)).items()},
+              str(path), metadata={"format": "pt"})
     model = ["--model", str(tmp_path / "ckpt")]
     one = report(single(*gen_args(tmp_path, "one", *model)))
     a2a = run_ranks(2, *gen_args(tmp_path, "a2a", *model, "--moe-combine", "all_to_all", "--mtp"))

@@ -93,7 +93,6 @@ def _run_args(suite: Suite, logits: Path, *extra: str) -> list[str]:
 
 
 def model_checks(suite: Suite, counts: list[int]) -> list[CheckResult]:
-    import torch
     from safetensors.torch import load_file
 
     results = []
@@ -118,8 +117,9 @@ def model_checks(suite: Suite, counts: list[int]) -> list[CheckResult]:
                 got = load_file(str(path))["logits"].double()
                 rel = float((got - want).norm() / want.norm())
                 same = rep["output_ids"] == golden["output_ids"]
-                detail = "" if same else (f"greedy tokens differ from one process at position "
-                                          f"{next(i for i, (a, b) in enumerate(zip(rep['output_ids'], golden['output_ids'])) if a != b)}")
+                pairs = zip(rep["output_ids"], golden["output_ids"])
+                first = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+                detail = "" if same else f"greedy tokens differ from one process from position {first}"
                 ok = same and rel <= LOGITS_RTOL
                 results.append(CheckResult("dist", name, "model", PASS if ok else FAIL, dtype="float32",
                                            shape=f"{NEW_TOKENS} new tokens", rel_err=rel, tolerance=LOGITS_RTOL,

@@ -34,13 +34,13 @@ def checks(comm, device: torch.device) -> list[dict]:
         for n in SIZES:
             got = comm.all_reduce(values(rank, n, dtype, device))
             want = sum(values(r, n, torch.float64, device) for r in range(world)).to(dtype)
-            out.append({"name": f"all_reduce/{dname}/{n}", "ok": bool(torch.equal(got, want)),
-                        "detail": "" if torch.equal(got, want) else f"max diff {float((got.double() - want.double()).abs().max())}"})
+            ok = bool(torch.equal(got, want))
+            diff = "" if ok else f"max diff {float((got.double() - want.double()).abs().max())}"
+            out.append({"name": f"all_reduce/{dname}/{n}", "ok": ok, "detail": diff})
             for dim in (0, -1):
-                x = values(rank, n, dtype, device).view(1, n) if dim == -1 else values(rank, n, dtype, device).view(n, 1)
-                got = comm.all_gather(x, dim)
-                want = torch.cat([(values(r, n, dtype, device).view(1, n) if dim == -1 else
-                                   values(r, n, dtype, device).view(n, 1)) for r in range(world)], dim=dim)
+                shape = (1, n) if dim == -1 else (n, 1)
+                got = comm.all_gather(values(rank, n, dtype, device).view(shape), dim)
+                want = torch.cat([values(r, n, dtype, device).view(shape) for r in range(world)], dim=dim)
                 out.append({"name": f"all_gather/dim{dim}/{dname}/{n}", "ok": bool(torch.equal(got, want)),
                             "detail": ""})
         # uneven all_to_all: rank s sends (s + d) % 3 rows (0, 1 or 2; some ranks send nothing) of width 5 to rank d
@@ -54,8 +54,8 @@ def checks(comm, device: torch.device) -> list[dict]:
         send = torch.cat([rows(rank, d) for d in range(world)])
         got = comm.all_to_all(send, splits)
         want = torch.cat([rows(s, rank) for s in range(world)])
-        out.append({"name": f"all_to_all/uneven/{dname}", "ok": got.shape == want.shape and bool(torch.equal(got, want)),
-                    "detail": f"splits {splits}"})
+        ok = got.shape == want.shape and bool(torch.equal(got, want))
+        out.append({"name": f"all_to_all/uneven/{dname}", "ok": ok, "detail": f"splits {splits}"})
     return out
 
 

@@ -116,7 +116,8 @@ class WeightLoader:
             t = check_tensor(self.src, name, shape, FLOAT_DTYPES)
         return t.to(device=self.device, dtype=dtype or self.dtype)
 
-    def raw_weight(self, name: str, shape: tuple[int, int], split: Split | None = None) -> tuple[Tensor, Tensor | None]:
+    def raw_weight(self, name: str, shape: tuple[int, int],
+                   split: Split | None = None) -> tuple[Tensor, Tensor | None]:
         """(weight, scale_inv) as stored: FP8 codes with their block scales, or a float weight; with `split`, this
         rank's slice only (core.parallel.loading)."""
         if split is not None and not split.span.whole:

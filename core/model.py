@@ -50,14 +50,16 @@ class Model:
 
     @staticmethod
     def load(source: TensorSource | Path | str, ops: Dispatch, device: torch.device,
-             dtype: torch.dtype = torch.bfloat16, with_mtp: bool = True, parallel: Parallel | None = None) -> "Model":
-        """Load `source`; with `parallel` over several ranks, only this rank's slices (core.parallel)."""
+             dtype: torch.dtype = torch.bfloat16, with_mtp: bool = True, parallel: Parallel | None = None,
+             progress=None) -> "Model":
+        """Load `source`; with `parallel` over several ranks, only this rank's slices (core.parallel). `progress`:
+        called with one line of text after each layer (bytes read, seconds)."""
         parallel = parallel or Parallel()
         if not hasattr(source, "config"):
             source = DirectoryCheckpoint(Path(source))
         with torch.no_grad():
             weights = WeightLoader(source, ops, device, dtype, parallel.plan(source.config),
-                                   parallel.strict).load(with_mtp)
+                                   parallel.strict, progress).load(with_mtp)
         return Model(source.config, weights, ops, device, dtype, parallel)
 
     @property

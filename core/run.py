@@ -132,7 +132,12 @@ def run(args: argparse.Namespace, backend, avail, ops, dtype, par) -> int:
 
     t0 = time.perf_counter()
     source = load_default() if args.model is None else args.model
-    model = par.agree("loading", lambda: Model.load(source, ops, par.device, dtype, with_mtp=args.mtp, parallel=par))
+    progress = launch.load_progress(par)
+    model = par.agree("loading", lambda: Model.load(source, ops, par.device, dtype, with_mtp=args.mtp, parallel=par,
+                                                    progress=progress))
+    if progress is not None:
+        progress(f"done in {time.perf_counter() - t0:.1f} s")
+        sys.stderr.write("\n")
     load_seconds = time.perf_counter() - t0
     return par.agree("generation", lambda: generate(args, backend, avail, ops, dtype, par, model, load_seconds))
 

@@ -9,7 +9,9 @@ straddle a block boundary is dequantised to the working dtype instead (stated, n
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -99,12 +101,16 @@ class WeightLoader:
     keeps (None: everything); `strict` refuses a split that would cut FP8 scale blocks."""
 
     def __init__(self, source: TensorSource, ops: Dispatch, device: torch.device, dtype: torch.dtype,
-                 shard: ShardPlan | None = None, strict: bool = False):
+                 shard: ShardPlan | None = None, strict: bool = False,
+                 progress: Callable[[str], None] | None = None):
         self.src, self.ops, self.device, self.dtype = source, ops, device, dtype
         self.cfg: ModelConfig = source.config
         self.notes: list[str] = []
         self.shard = shard or ShardPlan.for_rank(self.cfg, 0, 1)
         self.strict = strict
+        self.progress = progress  # called after each layer with "layer i/n: X MiB read in Y s"
+        self.bytes_read = 0
+        self._started = time.perf_counter()
 
     # -- single tensors ------------------------------------------------------------------------------------------
 
@@ -114,6 +120,7 @@ class WeightLoader:
             t = read_checked(self.src, name, shape, split, FLOAT_DTYPES)
         else:
             t = check_tensor(self.src, name, shape, FLOAT_DTYPES)
+        self.bytes_read += t.numel() * t.element_size()
         return t.to(device=self.device, dtype=dtype or self.dtype)
 
     def raw_weight(self, name: str, shape: tuple[int, int],
@@ -121,16 +128,28 @@ class WeightLoader:
         """(weight, scale_inv) as stored: FP8 codes with their block scales, or a float weight; with `split`, this
         rank's slice only (core.parallel.loading)."""
         if split is not None and not split.span.whole:
-            return read_weight_split(self.src, name, shape, split, self.dtype, self.strict, self.notes)
+            w, scale = read_weight_split(self.src, name, shape, split, self.dtype, self.strict, self.notes)
+            self._count(w, scale)
+            return w, scale
         w = check_tensor(self.src, name, shape, FLOAT_DTYPES + FP8_DTYPES)
         if w.dtype not in FP8_DTYPES:
             if self.src.has(name + "_scale_inv"):
                 raise CheckpointError(
                     f"{self.src.where(name)}: tensor '{name}' is {str(w.dtype).replace('torch.', '')} but has a "
                     f"'{name}_scale_inv': FP8 codes cast without their block scales? (dequantise, then drop the scales)")
+            self._count(w, None)
             return w, None
         scale = check_tensor(self.src, name + "_scale_inv", scale_grid(*shape), (torch.float32,))
+        self._count(w, scale)
         return w, scale
+
+    def _count(self, w: Tensor, scale: Tensor | None) -> None:
+        self.bytes_read += w.numel() * w.element_size() + (0 if scale is None else scale.numel() * 4)
+
+    def _layer_done(self, i: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(f"layer {i + 1}/{total}: {self.bytes_read / 2 ** 20:.1f} MiB read in "
+                          f"{time.perf_counter() - self._started:.1f} s")
 
     def linear(self, prefix: str, shape: tuple[int, int], rope_rows: list[tuple[int, int]] = (),
                float_weight_dtype: torch.dtype | None = None, split: Split | None = None) -> Linear:
@@ -277,7 +296,10 @@ class WeightLoader:
         embed = self.tensor("model.embed_tokens.weight", (c.vocab_size, c.hidden_size), split=vocab)
         head_name = "model.embed_tokens" if c.tie_word_embeddings else "lm_head"
         lm_head = self.linear(head_name, (c.vocab_size, c.hidden_size), split=vocab)
-        layers = [self.layer(i, c.is_moe_layer(i)) for i in range(c.num_hidden_layers)]
+        layers = []
+        for i in range(c.num_hidden_layers):
+            layers.append(self.layer(i, c.is_moe_layer(i)))
+            self._layer_done(i, c.num_hidden_layers)
         norm = self.tensor("model.norm.weight", (c.hidden_size,))
         mtp = self.mtp() if with_mtp else None
         return Weights(embed, layers, norm, lm_head, mtp, self.notes, self.shard.vocab.start)

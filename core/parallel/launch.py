@@ -111,3 +111,15 @@ def from_environment(backend: Backend, device: torch.device, moe_combine: str = 
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def load_progress(parallel: Parallel):
+    """Rank 0's loading progress on a terminal (one line rewritten in place on stderr), else None."""
+    if not parallel.is_first or not sys.stderr.isatty():
+        return None
+    prefix = f"loading ({parallel.world_size} ranks) " if parallel.world_size > 1 else "loading "
+
+    def show(text: str) -> None:
+        sys.stderr.write(f"\r{prefix}{text}\033[K")
+        sys.stderr.flush()
+    return show

@@ -194,6 +194,10 @@ def _experts(p, g):
           randn(g, e, d, inter, scale=inter ** -0.5)]
     ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) if t else torch.zeros(0, k, dtype=torch.int64)
     weights = torch.rand(t, k, generator=g, dtype=F64).float() * 0.8 + 0.1
+    remote = float(p.get("remote", 0.0))  # expert parallelism: this share of slots held by another rank (id -1)
+    if remote and t:
+        ids[torch.rand(t, k, generator=g, dtype=F64) < remote] = -1
+        ids[0] = -1  # one token with no local expert at all: its row must be exactly 0
     if p.get("weight", "fp8") == "fp8":
         quantized = [quantize_blocks(w.float()) for w in ws]
 
@@ -208,7 +212,8 @@ def _experts(p, g):
     def make(wd, rd, dev, h):
         return (act(x, wd, rd, dev), prepared(wd, rd, dev, h), weights.to(F64 if rd == F64 else torch.float32).to(dev),
                 ids.to(dev))
-    return CaseInputs(make, f"x[{t},{d}] experts[{e}x({inter},{d})] top_k={k} {p.get('weight', 'fp8')}")
+    shape = f"x[{t},{d}] experts[{e}x({inter},{d})] top_k={k} {p.get('weight', 'fp8')}"
+    return CaseInputs(make, shape + (f" remote(-1)={int((ids < 0).sum())}/{ids.numel()}" if remote else ""))
 
 
 BUILDERS = {

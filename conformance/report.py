@@ -122,7 +122,7 @@ def markdown(report: dict, comparison: list[str] | None = None) -> str:
     if comparison:
         lines += ["", "## Compared with another report", ""] + comparison
     reasons: dict[str, int] = {}
-    for level in ("op", "block", "model"):
+    for level in ("op", "block", "model", "dist"):
         rows = [c for c in report["checks"] if c["level"] == level]
         if not rows:
             continue

@@ -223,6 +223,9 @@ class Backend:
     ops:           operator name -> implementation (or `Limited`); only operators of core.ops.OPERATORS.
     prepare_linear, prepare_experts: the weight hooks (None: cpu_ref's, whose formats are core.ops.LinearWeight
                    and ExpertWeights).
+    communicator:  optional: ProcessGroup -> an object with all_reduce(x), all_gather(x, dim), all_to_all(x, splits)
+                   and describe() (core.parallel.comm.Communicator), e.g. a custom all-reduce; None: torch.distributed
+                   on `dist_backend` (core.parallel.comm.TorchDistributed).
     manifest:      attached by discovery from the backend's manifest.yaml.
     """
 
@@ -233,6 +236,7 @@ class Backend:
     ops: dict[str, Callable | Limited]
     prepare_linear: Callable | None = None
     prepare_experts: Callable | None = None
+    communicator: Callable | None = None
     manifest: Manifest | None = None
     origin: str = ""  # where discovery found it: a directory or an entry point
 

@@ -53,6 +53,10 @@ class TensorSource(Protocol):
 
     def where(self, name: str) -> str: ...
 
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+    def read_slice(self, name: str, dim: int, start: int, stop: int) -> Tensor: ...
+
 
 def _check_meta(source: TensorSource, name: str, shape: tuple[int, ...], got_shape: tuple[int, ...],
                 got_dtype: torch.dtype | None, dtypes: tuple[torch.dtype, ...]) -> None:
@@ -271,6 +275,30 @@ class DirectoryCheckpoint:
             raise CheckpointError(f"{self._show(shard)}: cannot read tensor {quote_name(name)} "
                                   f"({os_reason(e)})") from None
 
+    def _handle(self, name: str):
+        shard = self._weight_map[name]
+        handle = self._open(shard)
+        if name not in handle.keys():
+            raise CheckpointError(f"{self.directory / INDEX_FILE}: maps '{name}' to '{shard}', which lacks it")
+        return handle, shard
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape, from the file's header (nothing read)."""
+        handle, shard = self._handle(name)
+        try:
+            return tuple(handle.get_slice(name).get_shape())
+        except (SafetensorError, OSError, RuntimeError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.directory / shard}: cannot read tensor '{name}' ({e})") from None
+
+    def read_slice(self, name: str, dim: int, start: int, stop: int) -> Tensor:
+        """Rows (dim 0) or columns (dim 1) [start, stop) of a tensor, reading only those bytes' pages."""
+        handle, shard = self._handle(name)
+        try:
+            part = handle.get_slice(name)
+            return part[start:stop] if dim == 0 else part[:, start:stop]
+        except (SafetensorError, OSError, RuntimeError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.directory / shard}: cannot read tensor '{name}' ({e})") from None
+
 
 class MemoryCheckpoint:
     """Tensors held in memory under their checkpoint names (the embedded default model)."""
@@ -288,6 +316,12 @@ class MemoryCheckpoint:
 
     def where(self, name: str) -> str:
         return self.description
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.tensors[name].shape)
+
+    def read_slice(self, name: str, dim: int, start: int, stop: int) -> Tensor:
+        return self.tensors[name].narrow(dim, start, stop - start)
 
     def names(self) -> list[str]:
         return list(self.tensors)

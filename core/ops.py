@@ -9,6 +9,7 @@ query and output of MLA decode).
 v2 (from v1): `mla_decode` reads a PAGED latent cache `[num_blocks, block_size, R+P]` through a per-sequence block
 table instead of one `[N, L, R+P]` row per sequence; v1 is the special case block_size = L, block_table =
 slots[:, None]. Each backend declares the block sizes it takes in its manifest (`cache: {block_sizes: ...}`).
+`moe_experts` accepts ids of -1, experts held by another process (expert parallelism), which contribute nothing.
 
 Conventions used below:
   T  tokens in the batch          H  attention heads          R  kv_lora_rank (512 in DeepSeek-V3)
@@ -191,7 +192,9 @@ def moe_experts(x: Tensor, experts: object, weights: Tensor, ids: Tensor) -> Ten
     """The routed-expert sum: `y[t] = sum_j weights[t, j] * Expert_{ids[t, j]}(x[t])`.
 
     x: [T, D] working dtype; experts: what `prepare_experts` returned; weights: [T, k] float32; ids: [T, k] int64,
-    values in [0, E). Expert(x) = down(silu(gate(x)) * up(x)). The combine over j is float32; one rounding to
+    values in [0, E) or -1. E is the number of experts THIS process holds; an id of -1 is an expert held by another
+    process (expert parallelism) and contributes nothing (its weight is ignored; a row of only -1 gives 0), so the
+    sum over ranks of each rank's result is the full routed sum. Expert(x) = down(silu(gate(x)) * up(x)). The combine over j is float32; one rounding to
     x.dtype at the end. Returns [T, D] in x.dtype. Shared experts are not part of this operator.
     """
 

@@ -5,6 +5,7 @@
     python -m core.run --chat [--system TEXT]               # interactive, multi-turn, through the chat template
     python -m core.run --input-file prompts.txt|.jsonl [--output-file out.jsonl]   # a batch, outputs as JSONL
     python -m core.run --plan 8,16                          # memory per rank from config.json, loads nothing
+    torchrun --nproc-per-node N -m core.run ...             # tensor + expert parallel over N ranks (core.parallel)
 
 Sampling defaults come from the checkpoint's generation_config.json (greedy without one), then from the flags. Bad
 input ends with one line on stderr naming what is wrong and exit status 2 (set DSV3_DEBUG=1 for tracebacks); the
@@ -28,6 +29,7 @@ from core.backend import RunMode, choose_block_size
 from core.engine.options import (OneLineParser, add_engine_options, add_model_options, check_engine_options,
                                  engine_config)
 from core.errors import ContractError, UserError
+from core.parallel import launch
 from core.safe_files import StagedFile, check_output_target, one_line, quote_name
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -78,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     e = p.add_argument_group("engine")
     add_engine_options(e)
     e.add_argument("--prefill-chunk", type=int, help="prefill at most N tokens per step (sets the per-step budget)")
+    e.add_argument("--moe-combine", default="all_reduce", choices=["all_reduce", "all_to_all"],
+                   help="under torchrun: combine routed experts by all_reduce of partial sums or all_to_all dispatch")
     args = p.parse_args(argv)
     if args.temperature is not None and (not math.isfinite(args.temperature) or args.temperature < 0):
         raise UserError(f"--temperature must be a finite number >= 0, got {args.temperature}")
@@ -172,7 +176,7 @@ def sampling_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     from core.checkpoint import read_config
     from core.default_model import load_default
-    from core.engine.llm import LLM, default_sampling
+    from core.engine.llm import default_sampling
     from core.tokenizer import for_checkpoint
 
     args = parse_args(argv)
@@ -204,20 +208,36 @@ def main(argv: list[str] | None = None) -> int:
         if len(ids) + args.max_new_tokens > limit:
             raise UserError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceed the "
                             f"context length ({limit} tokens, {where})")
-    backend, _ = registry.activate(args.backend, mode)  # an unavailable backend fails here, before the weights load
+    backend, avail = registry.activate(args.backend, mode)  # an unavailable backend fails here, before the weights
     choose_block_size(backend, args.block_size)  # so does a block size its mla_decode does not take
+
+    par = launch.from_environment(backend, avail.device, args.moe_combine, args.strict)  # one process: no-op
+    try:
+        if args.chat and par.world_size > 1:
+            raise UserError("--chat reads the terminal of one process; under torchrun use --prompt or --input-file")
+        return run(args, params, jobs, tokenizer, par)
+    finally:
+        launch.shutdown()
+
+
+def run(args: argparse.Namespace, params, jobs, tokenizer, par) -> int:
+    """Load (each rank its shard) and generate; under torchrun every rank runs the same engine on the same inputs
+    (logits are all-gathered, so greedy or seeded sampling picks the same tokens everywhere), and a failure on any
+    rank ends every rank with the same one line (`par.agree`)."""
+    from core.engine.llm import LLM
 
     config = engine_config(args, args.prefill_chunk)
     if jobs:  # every request is known: the cache never needs more than they can use (each block partly empty)
         config.max_cache_positions = sum(len(ids) + args.max_new_tokens + 2 for ids, _ in jobs)
-    llm = LLM(args.model, backend=args.backend, dtype=args.dtype, strict=args.strict, interpret=args.interpret,
-              simulate=args.simulate, engine=config, tokenizer=tokenizer,
-              check_weights=not args.no_check_weights)
+    llm = par.agree("loading", lambda: LLM(
+        args.model, backend=args.backend, dtype=args.dtype, strict=args.strict, interpret=args.interpret,
+        simulate=args.simulate, engine=config, tokenizer=tokenizer, check_weights=not args.no_check_weights,
+        parallel=par))
     if args.chat:
         return chat_loop(llm, params, args)
     if args.input_file is not None:
-        return run_batch(llm, params, jobs, args)
-    return run_one(llm, params, jobs[0][0], args)
+        return par.agree("generation", lambda: run_batch(llm, params, jobs, args, par))
+    return par.agree("generation", lambda: run_one(llm, params, jobs[0][0], args, par))
 
 
 def prepare_jobs(args: argparse.Namespace, tokenizer, cfg) -> list[tuple[list[int], dict[str, Any]]]:
@@ -270,13 +290,15 @@ def system_messages(system: str | None) -> list[dict[str, str]]:
 
 # -- the three ways to run -----------------------------------------------------------------------------------------
 
-def run_one(llm, params, prompt_ids: list[int], args: argparse.Namespace) -> int:
+def run_one(llm, params, prompt_ids: list[int], args: argparse.Namespace, par) -> int:
     from core.generate import Generator
 
-    staged = stage_logits(args.logits_out, Generator(llm.model).teacher_forced_logits(prompt_ids)) \
-        if args.logits_out is not None else None
+    staged = None
+    if args.logits_out is not None:
+        logits = Generator(llm.model).teacher_forced_logits(prompt_ids)  # every rank: the forward is collective
+        staged = stage_logits(args.logits_out, logits) if par.is_first else None
     try:
-        code = _generate_one(llm, params, prompt_ids, args)
+        code = _generate_one(llm, params, prompt_ids, args, par)
         if staged is not None:
             staged.commit()  # renamed into place only after the run succeeded
     finally:
@@ -285,7 +307,7 @@ def run_one(llm, params, prompt_ids: list[int], args: argparse.Namespace) -> int
     return code
 
 
-def _generate_one(llm, params, prompt_ids: list[int], args: argparse.Namespace) -> int:
+def _generate_one(llm, params, prompt_ids: list[int], args: argparse.Namespace, par) -> int:
     if args.max_new_tokens == 0:
         final = None
     else:
@@ -308,6 +330,9 @@ def _generate_one(llm, params, prompt_ids: list[int], args: argparse.Namespace) 
     report = {
         "backend": llm.backend.name,
         "device": str(llm.device),
+        "world_size": par.world_size,
+        "communicator": par.comm.describe(),
+        "moe_combine": args.moe_combine,
         "dtype": args.dtype,
         "model": str(args.model) if args.model else "embedded default",
         "dispatch": llm.ops.table(),
@@ -337,6 +362,8 @@ def _generate_one(llm, params, prompt_ids: list[int], args: argparse.Namespace) 
 
     print(f"backend {llm.backend.name} on {llm.device} ({args.dtype}); model: {report['model']}")
     print(llm.ops.format_table())
+    if par.world_size > 1:
+        print(f"parallel: {par.comm.describe()}, MoE combine {args.moe_combine}")
     for note in llm.model.w.notes:
         print(f"note: {note}")
     print(f"prompt: {len(prompt_ids)} tokens; generated {len(output)} tokens")
@@ -352,7 +379,7 @@ def _generate_one(llm, params, prompt_ids: list[int], args: argparse.Namespace) 
     return 0
 
 
-def run_batch(llm, params, jobs, args: argparse.Namespace) -> int:
+def run_batch(llm, params, jobs, args: argparse.Namespace, par) -> int:
     """Every request of --input-file in one continuous batch; one JSON line per request, in input order."""
     per_request = [params.merged(**{k: v for k, v in extra.items() if k != "id"}) for _, extra in jobs]
     outs = llm.generate([ids for ids, _ in jobs], per_request)
@@ -368,7 +395,7 @@ def run_batch(llm, params, jobs, args: argparse.Namespace) -> int:
     body = "\n".join(lines) + "\n"
     if args.output_file is None:
         sys.stdout.write(body)
-    else:
+    elif par.is_first:
         with StagedFile(args.output_file, "--output-file") as staged:
             staged.write(body.encode("utf-8"))
             staged.commit()

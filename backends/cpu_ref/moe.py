@@ -53,6 +53,8 @@ def _moe_experts(x: Tensor, experts: ExpertWeights, weights: Tensor, ids: Tensor
     ct = compute_dtype(x.dtype)
     out = torch.zeros(x.shape[0], x.shape[1], dtype=ct, device=x.device)
     for e in torch.unique(ids).tolist():
+        if e < 0:  # an expert held by another process (expert parallelism): contributes nothing
+            continue
         token, slot = torch.nonzero(ids == e, as_tuple=True)
         xe = act(x[token].to(ct))
         w_gate = dequantize_blocks(experts.gate[e], _at(experts.gate_scale, e), ct)
@@ -70,7 +72,7 @@ def _at(scale: Tensor | None, e: int) -> Tensor | None:
 
 def moe_experts(x: Tensor, experts: ExpertWeights, weights: Tensor, ids: Tensor) -> Tensor:
     """`sum_j weights[t,j] * down(silu(gate(x)) * up(x))` over the chosen experts; float32 intermediates and
-    combine, one rounding to x.dtype."""
+    combine, one rounding to x.dtype. ids of -1 (experts held by another process) contribute nothing."""
     return _moe_experts(x, experts, weights, ids, lambda a: a)
 
 

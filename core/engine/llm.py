@@ -39,7 +39,8 @@ class LLM:
 
     def __init__(self, model: str | Path | None = None, *, backend: str = "cpu_ref", dtype: str = "bfloat16",
                  strict: bool = False, interpret: bool = False, simulate: bool = False,
-                 engine: EngineConfig | None = None, tokenizer: Any = "auto", check_weights: bool = True):
+                 engine: EngineConfig | None = None, tokenizer: Any = "auto", check_weights: bool = True,
+                 parallel: Any = None):
         from core.default_model import load_default
         from core.model import Model
         from core.tokenizer import for_checkpoint
@@ -55,8 +56,15 @@ class LLM:
         self.tokenizer = for_checkpoint(self.model_dir) if tokenizer == "auto" else tokenizer
         t0 = time.perf_counter()
         source = load_default() if self.model_dir is None else self.model_dir
+        if parallel is not None:  # core.parallel.Parallel: this rank's shard, on its own device
+            self.device = parallel.device or self.device
+        progress = None
+        if parallel is not None:
+            from core.parallel.launch import load_progress
+
+            progress = load_progress(parallel)  # rank 0's loading progress on a terminal
         self.model = Model.load(source, self.ops, self.device, DTYPES[dtype], with_mtp=self.engine_config.mtp,
-                                check_weights=check_weights)
+                                check_weights=check_weights, parallel=parallel, progress=progress)
         self.load_seconds = time.perf_counter() - t0
         eos = set(self.model.cfg.eos_token_ids)
         if self.tokenizer is not None:

@@ -11,11 +11,12 @@
         print(delta.new_text, end="", flush=True)
 
 Defaults for sampling come from the checkpoint's generation_config.json (DeepSeek-V3: temperature 0.6, top_p 0.95),
-then from what the caller passes; without a generation_config.json the default is greedy.
+then from what the caller passes; without a temperature there (or without the file) the default is greedy.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -133,8 +134,12 @@ class LLM:
 
 
 def default_sampling(model_dir: Path | None, **overrides: Any) -> SamplingParams:
-    """Sampling defaults of a checkpoint: its generation_config.json if it has one, else greedy; then `overrides`."""
+    """Sampling defaults of a checkpoint: greedy, unless its generation_config.json sets a temperature (and not
+    `do_sample: false`), with its top_p, top_k, min_p and repetition penalty; then `overrides` (None = not given).
+    DeepSeek-V3's own file sets temperature 0.6 and top_p 0.95; the one transformers writes by default sets none,
+    so such a checkpoint decodes greedily, as transformers' generate() does."""
     config = model_dir / "generation_config.json" if model_dir is not None else None
-    if config is not None and config.is_file():
-        return SamplingParams.from_generation_config(config, **overrides)
-    return SamplingParams(temperature=0.0).merged(**overrides)
+    greedy = SamplingParams(temperature=0.0)
+    if config is not None and os.path.lexists(config):
+        return SamplingParams.from_generation_config(config, base=greedy, **overrides)
+    return greedy.merged(**overrides)

@@ -172,13 +172,17 @@ def test_transformers_bf16_checkpoint_two_ranks_both_combines_and_mtp(tmp_path):
 
 
 def test_a_rank_that_cannot_load_ends_every_rank_with_one_line(tmp_path):
-    """Layer 1's experts 8..15 live in a shard only rank 1 reads; that shard is unreadable."""
+    """Layer 1's experts 8..15, which only rank 1 reads, hold a NaN (every shard header is valid, so rank 0 loads
+    its part without error): rank 1 fails its load check, and every rank ends with the same one line."""
     ckpt = tmp_path / "ckpt"
     build_hf(ckpt, fresh_seed(), mtp=False)
     tensors = load_file(str(ckpt / "model.safetensors"))
-    theirs = {k for k in tensors if any(f"layers.1.mlp.experts.{e}." in k for e in range(8, 16))}
+    theirs = sorted(k for k in tensors if any(f"layers.1.mlp.experts.{e}." in k for e in range(8, 16)))
+    poisoned = next(k for k in theirs if k.endswith("down_proj.weight"))
+    tensors[poisoned] = tensors[poisoned].clone()
+    tensors[poisoned].view(-1)[3] = float("nan")
     save_file({k: v for k, v in tensors.items() if k not in theirs}, str(ckpt / "model-00001.safetensors"))
-    (ckpt / "model-00002.safetensors").write_bytes(b"not a safetensors file")
+    save_file({k: tensors[k] for k in theirs}, str(ckpt / "model-00002.safetensors"))
     (ckpt / "model.safetensors").unlink()
     index = {k: "model-00002.safetensors" if k in theirs else "model-00001.safetensors" for k in tensors}
     (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": index}))
@@ -189,7 +193,7 @@ def test_a_rank_that_cannot_load_ends_every_rank_with_one_line(tmp_path):
     assert [s for s, _, _ in results] == [2, 2], "every rank exits with the same status"
     lines = [line for _, out, err in results for line in (out + err).splitlines() if line.strip()]
     assert len(lines) == 1, lines
-    assert "rank 1" in lines[0] and "model-00002.safetensors" in lines[0], lines[0]
+    assert "rank 1" in lines[0] and "model-00002.safetensors" in lines[0] and poisoned in lines[0], lines[0]
     assert elapsed < 30, f"took {elapsed:.1f} s"
 
 

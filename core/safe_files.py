@@ -382,7 +382,8 @@ class StagedFile:
 def write_files_atomically(directory: Path, files: dict[str, bytes], option: str) -> None:
     """Write every file of `files` (name -> bytes) into `directory`: all of them or none. A new directory is
     written under a hidden temporary name beside it and renamed into place; in an existing directory each file is
-    staged under a temporary name first and the renames come only after every file was written."""
+    staged under a temporary name first, the renames come only after every file was written, and the files they
+    replace are kept aside until every rename succeeded (a failed rename puts them all back)."""
     directory = Path(directory)
     check_output_target(directory, option, directory=True)
     if not directory.exists():
@@ -408,12 +409,26 @@ def write_files_atomically(directory: Path, files: dict[str, bytes], option: str
             raise UserError(f"{option}: cannot write {quote_name(str(directory))} ({os_reason(e)})") from None
         return
     staged = [StagedFile(directory / name, option) for name in files]
+    backups: list[tuple[str, Path]] = []  # (hidden copy of a file being replaced, its path)
+    committed: list[Path] = []
     try:
         for s, data in zip(staged, files.values()):
             s.write(data)
-        for s in staged:
+        for s in staged:  # the previous files move aside first, so a failed rename can put every one back
+            if s.path.exists():
+                fd, backup = _temp_in(directory, s.path.name, option)
+                os.close(fd)
+                os.replace(s.path, backup)
+                backups.append((backup, s.path))
             s.commit()
+            committed.append(s.path)
     except BaseException:
         for s in staged:
             s.discard()
+        for path in committed:
+            path.unlink(missing_ok=True)
+        for backup, path in backups:
+            os.replace(backup, path)
         raise
+    for backup, _ in backups:
+        os.unlink(backup)

@@ -10,6 +10,7 @@ import resource
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,6 +148,32 @@ def test_report_files_all_or_none(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="No space left"):
         write_files_atomically(old, {"report.json": b"{}", "report.md": b"# r"}, "--report")
     assert [p.name for p in old.iterdir()] == ["report.json"] and (old / "report.json").read_text() == "previous"
+
+
+def test_report_in_an_existing_directory_is_all_or_none_when_a_rename_fails(tmp_path, monkeypatch):
+    """Both new files are written; the second rename fails: the first file's previous version comes back."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "report.json").write_text("previous json")
+    (old / "report.md").write_text("previous md")
+    real, renames = os.replace, []
+
+    def replace(src, dst):
+        if str(src).endswith(".tmp") and Path(dst).name.startswith("report"):
+            renames.append(dst)
+            if len(renames) == 2:
+                raise OSError(errno.EIO, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(core.safe_files.os, "replace", replace)
+    with pytest.raises(UserError, match="Input/output error"):
+        write_files_atomically(old, {"report.json": b"{}", "report.md": b"# r"}, "--report")
+    monkeypatch.undo()
+    assert sorted(p.name for p in old.iterdir()) == ["report.json", "report.md"], "no temporary file left"
+    assert (old / "report.json").read_text() == "previous json" and (old / "report.md").read_text() == "previous md"
+    write_files_atomically(old, {"report.json": b"{}", "report.md": b"# r"}, "--report")
+    assert (old / "report.json").read_text() == "{}" and sorted(p.name for p in old.iterdir()) == ["report.json",
+                                                                                                    "report.md"]
 
 
 def test_conformance_report_on_a_full_disk(tmp_path, monkeypatch):

@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineParser(prog="python -m core.run", description="Generate with a DeepSeek-V3-class model.",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("model and backend")
-    m.add_argument("--backend", default="cpu_ref", help="backend name (see --list-backends)")
+    m.add_argument("--backend", help="backend name (see --list-backends); default: cpu without an accelerator")
     m.add_argument("--model", type=Path, help="Hugging Face checkpoint directory (default: the embedded model)")
     m.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="working dtype")
     m.add_argument("--mtp", action="store_true", help="speculative decoding with the MTP module")
@@ -247,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(ids) + args.max_new_tokens > limit:
             raise UserError(f"prompt ({len(ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceed the "
                             f"context length ({limit} tokens, {where})")
+    if args.backend is None:
+        args.backend, args.backend_choice = registry.default_backend()
     backend, _ = registry.activate(args.backend, mode)  # an unavailable backend fails here, before the weights load
     choose_block_size(backend, args.block_size)  # so does a block size its mla_decode does not take
 
@@ -375,7 +377,8 @@ def _generate_one(llm, params, prompt_ids: list[int], args: argparse.Namespace) 
     if args.logits_out is not None:
         report["logits_out"] = str(args.logits_out)
 
-    print(f"backend {llm.backend.name} on {llm.device} ({args.dtype}); model: {report['model']}")
+    choice = f" ({args.backend_choice})" if getattr(args, "backend_choice", None) else ""
+    print(f"backend {llm.backend.name}{choice} on {llm.device} ({args.dtype}); model: {report['model']}")
     print(llm.ops.format_table())
     for note in llm.model.w.notes:
         print(f"note: {note}")

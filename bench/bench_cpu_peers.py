@@ -286,7 +286,8 @@ def main() -> None:
     model = args.model or build_checkpoint(args.shape)
     cfg = json.loads((model / "config.json").read_text())
     rng = random.Random(args.seed)
-    prompts = [[rng.randrange(3, cfg["vocab_size"]) for _ in range(args.prompt_len)] for _ in range(max(args.batch_list))]
+    prompts = [[rng.randrange(3, cfg["vocab_size"]) for _ in range(args.prompt_len)]
+               for _ in range(max(args.batch_list))]
 
     peers: list[Peer] = []
     for name in args.peers.split(","):

@@ -165,7 +165,8 @@ def default_backend() -> tuple[str, str]:
     """The backend to use when none is named, and why: `cpu` on a machine without an accelerator (where it is
     discovered), else the reference. Device-neutral: asks torch.accelerator, never a vendor."""
     if torch.accelerator.is_available():
-        return REFERENCE, f"default: an accelerator ({torch.accelerator.current_accelerator()}) is present, name its backend"
+        where = torch.accelerator.current_accelerator()
+        return REFERENCE, f"default: an accelerator ({where}) is present, name its backend"
     if CPU_DEFAULT in discover():
         return CPU_DEFAULT, "default: no accelerator here"
     return REFERENCE, f"default: no accelerator here and no '{CPU_DEFAULT}' backend"

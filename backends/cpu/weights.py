@@ -3,7 +3,8 @@
 FP8 weights (e4m3fn codes with 128x128 block scales) are dequantised to float32 exactly as cpu_ref's `linear`
 does on every call (code times scale, one float32 rounding), so the numerics class `reference` holds bit for bit.
 Float weights keep their dtype, except bfloat16 on a CPU without a bf16 dot product, which is widened to float32
-(machine.weight_dtype): lossless, and faster there. Experts are stacked with gate and up fused, so one GEMM per expert computes both."""
+(machine.weight_dtype): lossless, and faster there. Experts are stacked with gate and up fused, so one GEMM per
+expert computes both."""
 
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """cpu: the fast CPU backend (started from `python -m conformance new-backend cpu`).
 
 Weights are dequantised once at load into the dtype their GEMM runs in (weights.py); `linear` and the experts run on
-torch's oneDNN GEMMs, the MoE groups tokens by expert (one GEMM pair per active expert per call), prefill and the
-absorbed paged MLA decode run on torch's fused SDPA. The elementwise operators and the router reuse cpu_ref's
+torch's oneDNN GEMMs, the MoE groups tokens by expert (one GEMM pair per active expert per call), prefill runs on
+torch's fused SDPA and the absorbed paged MLA decode as two float32 bmm over one batched gather of the cache rows. The elementwise operators and the router reuse cpu_ref's
 PyTorch code (already vectorised; not where the time goes). cpu_ref stays the specification conformance compares
 with; this backend is the default when no backend is named and no accelerator is present (core/registry.py).
 """

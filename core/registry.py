@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 from core.backend import Availability, Backend, Manifest, RunMode
 from core.errors import BackendBroken, BackendUnavailable, ContractError, UserError
 from core.safe_files import one_line, quote_name
@@ -22,6 +24,7 @@ from core.safe_files import one_line, quote_name
 ENTRY_POINT_GROUP = "deepseek_v3_portable.backends"
 PATH_ENV = "DSV3_BACKENDS_PATH"
 REFERENCE = "cpu_ref"
+CPU_DEFAULT = "cpu"  # the fast CPU backend: the default where no accelerator is present (cpu_ref stays the judge)
 
 
 @dataclass(frozen=True)
@@ -156,3 +159,14 @@ def activate(name: str, mode: RunMode = RunMode()) -> tuple[Backend, Availabilit
             f"{', '.join(others) or 'none'}"
         )
     return backend, avail
+
+
+def default_backend() -> tuple[str, str]:
+    """The backend to use when none is named, and why: `cpu` on a machine without an accelerator (where it is
+    discovered), else the reference. Device-neutral: asks torch.accelerator, never a vendor."""
+    if torch.accelerator.is_available():
+        where = torch.accelerator.current_accelerator()
+        return REFERENCE, f"default: an accelerator ({where}) is present, name its backend"
+    if CPU_DEFAULT in discover():
+        return CPU_DEFAULT, "default: no accelerator here"
+    return REFERENCE, f"default: no accelerator here and no '{CPU_DEFAULT}' backend"

@@ -27,7 +27,7 @@ import torch
 from core import registry
 from core.backend import RunMode, choose_block_size
 from core.engine.options import (OneLineParser, add_engine_options, add_model_options, check_engine_options,
-                                 engine_config)
+                                 engine_config, resolve_backend)
 from core.errors import ContractError, UserError
 from core.parallel import launch
 from core.safe_files import StagedFile, check_output_target, one_line, quote_name
@@ -90,6 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     check_engine_options(args)
+    resolve_backend(args)
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise UserError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     if args.logits_out is not None and args.logits_out.suffix != ".safetensors":
@@ -360,7 +361,8 @@ def _generate_one(llm, params, prompt_ids: list[int], args: argparse.Namespace, 
     if args.logits_out is not None:
         report["logits_out"] = str(args.logits_out)
 
-    print(f"backend {llm.backend.name} on {llm.device} ({args.dtype}); model: {report['model']}")
+    choice = f" ({args.backend_choice})" if args.backend_choice else ""
+    print(f"backend {llm.backend.name}{choice} on {llm.device} ({args.dtype}); model: {report['model']}")
     print(llm.ops.format_table())
     if par.world_size > 1:
         print(f"parallel: {par.comm.describe()}, MoE combine {args.moe_combine}")

@@ -3,7 +3,7 @@
     from core.engine.llm import LLM
     from core.engine.sampling import SamplingParams
 
-    llm = LLM()                                              # the embedded default on cpu_ref, bfloat16
+    llm = LLM()                                              # the embedded default, default backend, bfloat16
     llm = LLM("/path/to/DeepSeek-V3", backend="cuda", mtp=True)
     outs = llm.generate(["Hello", "The assert statement"], SamplingParams(temperature=0.6, top_p=0.95, max_tokens=64))
     outs = llm.chat([[{"role": "user", "content": "Hi"}]])   # through the checkpoint's chat template
@@ -36,9 +36,10 @@ Prompt = str | Sequence[int]
 
 
 class LLM:
-    """A loaded model and its engine. `model`: a checkpoint directory, or None for the embedded default."""
+    """A loaded model and its engine. `model`: a checkpoint directory, or None for the embedded default; `backend`:
+    None picks what core.run picks (core.registry.default_backend)."""
 
-    def __init__(self, model: str | Path | None = None, *, backend: str = "cpu_ref", dtype: str = "bfloat16",
+    def __init__(self, model: str | Path | None = None, *, backend: str | None = None, dtype: str = "bfloat16",
                  strict: bool = False, interpret: bool = False, simulate: bool = False,
                  engine: EngineConfig | None = None, tokenizer: Any = "auto", check_weights: bool = True,
                  parallel: Any = None):
@@ -50,6 +51,8 @@ class LLM:
             raise UserError(f"dtype must be one of {', '.join(sorted(DTYPES))}, got {dtype!r}")
         self.model_dir = Path(model) if model is not None else None
         mode = RunMode(interpret=interpret, simulate=simulate)
+        if backend is None:  # as core.run and core.serve choose: cpu without an accelerator, else the reference
+            backend = registry.default_backend()[0]
         self.backend, avail = registry.activate(backend, mode)
         self.ops = Dispatch(self.backend, registry.load(registry.REFERENCE), strict=strict, numerics=avail.numerics)
         self.device = avail.device

@@ -37,7 +37,8 @@ def parse_bytes(text: str, option: str) -> int:
 
 
 def add_model_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    p.add_argument("--backend", default="cpu_ref", help="backend name (see python -m core.run --list-backends)")
+    p.add_argument("--backend", help="backend name (see python -m core.run --list-backends); default: cpu on a "
+                   "machine without an accelerator")
     p.add_argument("--model", type=Path, help="Hugging Face checkpoint directory (default: the embedded model)")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES, help="working dtype")
     p.add_argument("--mtp", action="store_true", help="speculative decoding with the MTP module")
@@ -57,6 +58,15 @@ def add_engine_options(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> 
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per forward pass (prefill "
                    "chunks fill what decodes leave)")
     p.add_argument("--max-model-len", type=int, help="prompt + output limit (default: max_position_embeddings)")
+
+
+def resolve_backend(args: argparse.Namespace) -> None:
+    """Fill in --backend when it was not given (core.registry.default_backend), keeping why in `backend_choice`."""
+    from core import registry
+
+    args.backend_choice = None
+    if args.backend is None:
+        args.backend, args.backend_choice = registry.default_backend()
 
 
 def check_engine_options(args: argparse.Namespace) -> None:

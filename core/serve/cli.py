@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from core.engine.options import (OneLineParser, add_engine_options, add_model_options,  # noqa: F401
-                                 check_engine_options, engine_config, parse_bytes)
+                                 check_engine_options, engine_config, parse_bytes, resolve_backend)
 from core.errors import UserError
 from core.serve.app import DEFAULT_MAX_BODY_BYTES
 
@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")
     check_engine_options(args)
+    resolve_backend(args)
     if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
         raise UserError(f"--max-tokens-limit must be >= 1, got {args.max_tokens_limit}")
     if args.shutdown_timeout < 0:

@@ -328,17 +328,19 @@ def _routing(d: dict, model_type: str, source: str) -> tuple[str, str]:
     if method not in methods:
         raise CheckpointError(f"{source}: topk_method {quote_value(method)} is not implemented for model_type "
                               f"{model_type} (supported: {', '.join(methods)})")
+    if d.get("mlp_bias") is True:
+        raise CheckpointError(f"{source}: mlp_bias {quote_value(True)} is not implemented (DeepSeek's MLPs have no biases)")
     freq = d.get("moe_layer_freq")
     if freq != 1 or isinstance(freq, bool):
         raise CheckpointError(f"{source}: moe_layer_freq {quote_value(freq)} is not implemented (only 1: every layer "
                               f"from first_k_dense_replace on is MoE)")
     if model_type == "deepseek_v2":
         if d.get("norm_topk_prob") is True:
-            raise CheckpointError(f"{source}: norm_topk_prob true is not implemented for model_type deepseek_v2 "
+            raise CheckpointError(f"{source}: norm_topk_prob {quote_value(True)} is not implemented for model_type deepseek_v2 "
                                   f"(DeepSeek-V2's code then drops routed_scaling_factor, transformers ignores the "
                                   f"field; every published V2 config says false)")
         if d.get("rope_interleave") is False:
-            raise CheckpointError(f"{source}: rope_interleave false is not implemented for model_type deepseek_v2 "
+            raise CheckpointError(f"{source}: rope_interleave {quote_value(False)} is not implemented for model_type deepseek_v2 "
                                   f"(V2 rotates interleaved pairs)")
     return scoring, method
 

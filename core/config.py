@@ -146,6 +146,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     rope: RopeConfig
     fp8: bool = False  # quantization_config says fp8 128x128 blocks
+    scale_fmt: str | None = None  # quantization_config.scale_fmt: "ue8m0" (V3.1: power-of-two activation scales)
     model_type: str = "deepseek_v3"
     scoring_func: str = "sigmoid"  # moe_gate scoring: sigmoid (V3 family) or softmax (V2 family)
     topk_method: str = "noaux_tc"  # noaux_tc (V3 family), greedy or group_limited_greedy (V2 family)
@@ -296,6 +297,7 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             rope=RopeConfig.from_hf(d, rope_dim, max_pos, source),
             fp8=_fp8_blocks(d.get("quantization_config"), source),
+            scale_fmt=_scale_fmt(d.get("quantization_config"), source),
             source=source,
             raw=dict(data),
             model_type=model_type,
@@ -313,6 +315,8 @@ class ModelConfig:
         if self.fp8:
             out["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                           "weight_block_size": [128, 128]}
+            if self.scale_fmt:
+                out["quantization_config"]["scale_fmt"] = self.scale_fmt
         return out
 
 
@@ -343,6 +347,20 @@ def _routing(d: dict, model_type: str, source: str) -> tuple[str, str]:
             raise CheckpointError(f"{source}: rope_interleave {quote_value(False)} is not implemented for model_type deepseek_v2 "
                                   f"(V2 rotates interleaved pairs)")
     return scoring, method
+
+
+SCALE_FORMATS = ("ue8m0",)
+
+
+def _scale_fmt(q: Any, source: str) -> str | None:
+    """quantization_config.scale_fmt (DeepSeek-V3.1): None, or "ue8m0" (activation scales rounded up to powers of
+    two where DeepSeek's code quantises activations; the reference class never quantises activations, so it is
+    recorded, not applied, there). Any other value is refused."""
+    fmt = q.get("scale_fmt") if isinstance(q, dict) else None
+    if fmt is not None and fmt not in SCALE_FORMATS:
+        raise CheckpointError(f"{source}: quantization_config.scale_fmt {quote_value(fmt)} is not implemented "
+                              f"(supported: {', '.join(SCALE_FORMATS)})")
+    return fmt
 
 
 def _fp8_blocks(q: Any, source: str) -> bool:

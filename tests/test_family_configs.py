@@ -157,3 +157,11 @@ def test_greedy_ignores_groups_but_checks_top_k(tmp_path):
     assert c.gate_groups == (1, 1)
     with pytest.raises(CheckpointError, match="num_experts_per_tok"):
         load({**DEEPSEEK_V2_LITE, "num_experts_per_tok": 65}, tmp_path)
+
+
+def test_v3_1_scale_fmt_is_read_and_unknown_formats_refused(tmp_path):
+    q = DEEPSEEK_V3["quantization_config"]
+    assert load(DEEPSEEK_V3, tmp_path).scale_fmt is None
+    assert load({**DEEPSEEK_V3, "quantization_config": {**q, "scale_fmt": "ue8m0"}}, tmp_path).scale_fmt == "ue8m0"
+    with pytest.raises(CheckpointError, match="scale_fmt 'e5m2' is not implemented"):
+        load({**DEEPSEEK_V3, "quantization_config": {**q, "scale_fmt": "e5m2"}}, tmp_path)

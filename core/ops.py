@@ -194,7 +194,8 @@ def moe_gate(
     sum (+1e-20) when `renorm`, then multiplied by `scale` (routed_scaling_factor) exactly once.
     Returns (weights [T, top_k] float32, ids [T, top_k] int64). Order inside a row is unspecified: conformance
     compares expert sets, and ties in c may be broken either way.
-    v2 of the contract adds `scoring` and `group_score` (defaults: V3's noaux_tc, as before).
+    `scoring` and `group_score` extend contract v2's seven-argument form (their defaults are V3's noaux_tc, so a
+    call without them means what it meant before); every backend must accept them.
     """
 
 

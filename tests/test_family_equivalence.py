@@ -130,3 +130,54 @@ def test_v2_gate_equals_transformers_router():
         order, want_order = ids.argsort(1), want_ids.argsort(1)
         assert torch.equal(ids.gather(1, order), want_ids.gather(1, want_order)), method
         torch.testing.assert_close(w.gather(1, order), want_w.gather(1, want_order), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", ["v2-lite", "v2"])
+def test_v2_fp8_checkpoint_matches_transformers_on_its_dequantisation(tmp_path, name):
+    """A V2 checkpoint with FP8 128x128 block weights (every *_proj, as DeepSeek ships them) and
+    quantization_config: our logits equal transformers' on the dequantised weights (written back as float32 and
+    loaded by transformers itself), and the greedy continuations agree."""
+    from safetensors.torch import load_file, save_file
+    from transformers import DeepseekV2ForCausalLM
+
+    from core.fp8 import dequantize_blocks, quantize_blocks
+
+    arch, overrides, edits = FAMILIES[name]
+    for _ in range(5):
+        seed = fresh_seed()
+        src, fp8, twin = tmp_path / f"src{seed}", tmp_path / f"fp8{seed}", tmp_path / f"twin{seed}"
+        build(src, seed, arch, overrides, edits)
+        tensors = load_file(str(src / "model.safetensors"))
+        codes, dequantised = {}, {}
+        for key, t in tensors.items():
+            if key.endswith("_proj.weight") and t.dim() == 2:
+                q, scale = quantize_blocks(t)
+                codes[key], codes[key[:-len("weight")] + "weight_scale_inv"] = q, scale
+                dequantised[key] = dequantize_blocks(q, scale, torch.float32)
+            else:
+                codes[key] = dequantised[key] = t
+        config = json.loads((src / "config.json").read_text())
+        for directory, weights, cfg in (
+                (fp8, codes, {**config, "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
+                                                                "activation_scheme": "dynamic",
+                                                                "weight_block_size": [128, 128]}}),
+                (twin, dequantised, config)):
+            directory.mkdir()
+            save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+            (directory / "config.json").write_text(json.dumps(cfg))
+        ops = reference_dispatch()
+        margins = GateMargins(ops)
+        ours = load_ours(fp8, ops=ops, with_mtp=False)
+        assert ours.cfg.fp8
+        prompt = torch.randint(2, 96, (PROMPT_LEN,), generator=torch.Generator().manual_seed(seed)).tolist()
+        got = Generator(ours).teacher_forced_logits(prompt)
+        if margins.smallest >= 1e-5:
+            break
+    else:
+        pytest.fail("could not draw a model with decisive routing in 5 tries")
+    hf = DeepseekV2ForCausalLM.from_pretrained(twin, dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf(torch.tensor([prompt])).logits[0]
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False, eos_token_id=None)
+    assert rel(got, want) < 1e-5, f"{name} seed {seed}"
+    assert Generator(ours).generate([prompt], 8, stop_at_eos=False).output_ids[0] == out[0, len(prompt):].tolist()

@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from core.generate import Generator
-from tests.helpers import YARN, GateMargins, fresh_seed, init_weights, load_ours, reference_dispatch
+from tests.helpers import (
+    YARN,
+    GateMargins,
+    fresh_seed,
+    init_weights,
+    load_ours,
+    reference_dispatch,
+)
 
 PROMPT_LEN = 48
 NEW_TOKENS = 16
@@ -45,7 +52,12 @@ FAMILIES = {
 
 
 def build(directory, seed: int, arch: str, overrides: dict, config_edits: dict):
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers import (
+        DeepseekV2Config,
+        DeepseekV2ForCausalLM,
+        DeepseekV3Config,
+        DeepseekV3ForCausalLM,
+    )
 
     config_cls, model_cls = ((DeepseekV2Config, DeepseekV2ForCausalLM) if arch == "v2"
                              else (DeepseekV3Config, DeepseekV3ForCausalLM))
@@ -82,7 +94,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_family_config_read(family):
-    name, hf, ours, _, _ = family
+    name, _hf, ours, _, _ = family
     c = ours.cfg
     want = {"v2-lite": ("deepseek_v2", "softmax", "greedy"), "v2": ("deepseek_v2", "softmax", "group_limited_greedy"),
             "moonlight": ("deepseek_v3", "sigmoid", "noaux_tc"), "kimi-k2": ("kimi_k2", "sigmoid", "noaux_tc")}
@@ -112,7 +124,9 @@ def test_v2_gate_equals_transformers_router():
     """cpu_ref's moe_gate (softmax, greedy and group_limited_greedy) against transformers' DeepseekV2TopkRouter on
     the same logits: same expert sets, same weights (float32)."""
     from transformers import DeepseekV2Config
-    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
+        DeepseekV2TopkRouter,
+    )
 
     from backends.cpu_ref.moe import moe_gate
 

@@ -179,12 +179,15 @@ def _gate(p, g):
     t, e = p["tokens"], p["experts"]
     logits = randn(g, t, e, scale=2.0).float()
     bias = (0.1 * randn(g, e)).float()
-    args = (p["top_k"], p["groups"], p["topk_group"], p["scale"], p.get("renorm", True))
+    scoring, group_score = p.get("scoring", "sigmoid"), p.get("group_score", "top2_sum")
+    args = (p["top_k"], p["groups"], p["topk_group"], p["scale"], p.get("renorm", True), scoring, group_score)
+    with_bias = p.get("bias", True)  # DeepSeek-V2's softmax gate has no correction bias
 
     def make(wd, rd, dev, h):
         dt = F64 if rd == F64 else torch.float32
-        return (logits.to(dt).to(dev), bias.to(dt).to(dev)) + args
-    return CaseInputs(make, f"logits[{t},{e}] groups={p['groups']} keep={p['topk_group']} top_k={p['top_k']}")
+        return (logits.to(dt).to(dev), bias.to(dt).to(dev) if with_bias else None) + args
+    return CaseInputs(make, f"logits[{t},{e}] {scoring} groups={p['groups']} ({group_score}) keep={p['topk_group']} "
+                            f"top_k={p['top_k']}{'' if with_bias else ' no bias'}")
 
 
 def _experts(p, g):

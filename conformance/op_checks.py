@@ -78,11 +78,12 @@ def _structure(outs: list[Tensor], gold: list[Tensor], dtype: torch.dtype, op: s
     return ""
 
 
-def gate_errors(out, golden, logits: Tensor, bias: Tensor, top_k: int, n_group: int, topk_group: int):
+def gate_errors(out, golden, logits: Tensor, bias: Tensor | None, top_k: int, n_group: int, topk_group: int,
+                scoring: str = "sigmoid", group_score: str = "top2_sum"):
     """(weight errors on rows whose expert sets agree, rows that differ with a real margin, near-tie rows)."""
     w, ids = out[0].cpu(), out[1].cpu()
     gw, gids = golden[0].cpu(), golden[1].cpu()
-    margins = routing_margins(logits, bias, top_k, n_group, topk_group)
+    margins = routing_margins(logits, bias, top_k, n_group, topk_group, scoring, group_score)
     t = margins.shape[0]
     err, mismatched, near = Errors.zero(), [], []
     agree_rows = []
@@ -160,8 +161,9 @@ def check_case(suite: Suite, op: str, case: dict, dtype: torch.dtype, inputs=Non
     golden = _flat(ref_op(*inputs.make(dtype, torch.float64, cpu, suite.reference_hooks())))
     if op == "moe_gate":
         logits, bias, top_k, n_group, topk_group = args[0], args[1], args[2], args[3], args[4]
-        err, mismatched, near = gate_errors(outs, golden, logits, bias, top_k, n_group, topk_group)
-        ref_err, _, _ = gate_errors(ref_out, golden, logits, bias, top_k, n_group, topk_group)
+        rule = tuple(args[7:9])  # scoring, group_score (absent: the contract's defaults)
+        err, mismatched, near = gate_errors(outs, golden, logits, bias, top_k, n_group, topk_group, *rule)
+        ref_err, _, _ = gate_errors(ref_out, golden, logits, bias, top_k, n_group, topk_group, *rule)
         notes = []
         if near:
             notes.append(f"{len(near)} near-tie row(s) (margin < {NEAR_TIE}) chose another expert set: reported, not failed")

@@ -25,35 +25,29 @@ def rope_on_interleaved_pairs(x, cos, sin):
     return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2).to(x.dtype)
 
 
-def gate_bias_in_weights(logits, bias, top_k, n_group, topk_group, scale, renorm):
+def gate_bias_in_weights(logits, bias, top_k, n_group, topk_group, scale, renorm, scoring="sigmoid",
+                         group_score="top2_sum"):
     """The correction bias leaks into the expert weights."""
-    weights, ids = _gate(logits, bias, top_k, n_group, topk_group, scale, renorm)
-    biased = torch.sigmoid(logits.float()) + (bias.float() if bias is not None else 0)
+    weights, ids = _gate(logits, bias, top_k, n_group, topk_group, scale, renorm, scoring, group_score)
+    s = torch.sigmoid(logits.float()) if scoring == "sigmoid" else torch.softmax(logits.float(), -1)
+    biased = s + (bias.float() if bias is not None else 0)
     w = biased.gather(1, ids)
     if renorm:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
     return (w * scale).to(weights.dtype), ids
 
 
-def gate_group_by_max(logits, bias, top_k, n_group, topk_group, scale, renorm):
-    """Groups scored by their best expert (the V2 rule) instead of the sum of their top two."""
-    if n_group <= 1 or topk_group >= n_group:
-        return _gate(logits, bias, top_k, n_group, topk_group, scale, renorm)
-    t, e = logits.shape
-    scores = torch.sigmoid(logits.float())
-    choice = scores + (bias.float() if bias is not None else 0)
-    group = choice.view(t, n_group, -1).amax(-1)
-    keep = torch.zeros_like(group, dtype=torch.bool).scatter_(1, group.topk(topk_group, -1).indices, True)
-    choice = choice.masked_fill(~keep.repeat_interleave(e // n_group, 1), float("-inf"))
-    ids = choice.topk(top_k, -1).indices
-    w = scores.gather(1, ids)
-    if renorm:
-        w = w / (w.sum(-1, keepdim=True) + 1e-20)
-    return w * scale, ids
+def gate_group_by_max(logits, bias, top_k, n_group, topk_group, scale, renorm, scoring="sigmoid",
+                      group_score="top2_sum"):
+    """Groups scored by the other family's rule: by their best expert (V2) where the sum of their top two (V3) is
+    asked for, and the other way round."""
+    wrong = "max" if group_score == "top2_sum" else "top2_sum"
+    return _gate(logits, bias, top_k, n_group, topk_group, scale, renorm, scoring, wrong)
 
 
-def gate_not_renormalised(logits, bias, top_k, n_group, topk_group, scale, renorm):
-    return _gate(logits, bias, top_k, n_group, topk_group, scale, False)
+def gate_not_renormalised(logits, bias, top_k, n_group, topk_group, scale, renorm, scoring="sigmoid",
+                          group_score="top2_sum"):
+    return _gate(logits, bias, top_k, n_group, topk_group, scale, False, scoring, group_score)
 
 
 def prefill_default_scale(q, k, v, cu_q, cu_k, scale):

@@ -95,8 +95,9 @@ class Model:
     def _moe(self, m: MoE, x: Tensor) -> Tensor:
         c = self.cfg
         logits = self._linear(x.to(self.router_dtype), m.router)
-        weights, ids = self.ops.moe_gate(logits, m.bias, c.num_experts_per_tok, c.n_group, c.topk_group,
-                                         c.routed_scaling_factor, c.norm_topk_prob)
+        n_group, topk_group = c.gate_groups
+        weights, ids = self.ops.moe_gate(logits, m.bias, c.num_experts_per_tok, n_group, topk_group,
+                                         c.routed_scaling_factor, c.norm_topk_prob, c.scoring_func, c.group_score)
         y = self.routed_experts(x, m.experts, m.local_experts, weights, ids)  # moe_experts over this rank's experts
         if m.shared is not None:
             y = y + self._mlp(m.shared, x)

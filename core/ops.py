@@ -172,19 +172,31 @@ def mla_decode(q_lat: Tensor, q_pe: Tensor, cache: Tensor, block_table: Tensor, 
     """
 
 
+GATE_SCORING = ("sigmoid", "softmax")
+"""moe_gate scoring functions: sigmoid (DeepSeek-V3 family, noaux_tc), softmax over all E experts (DeepSeek-V2)."""
+GATE_GROUP_SCORE = ("top2_sum", "max")
+"""moe_gate group-scoring rules: sum of the group's top-2 selection scores (V3 noaux_tc), or its best one (V2
+group_limited_greedy)."""
+
+
 def moe_gate(
-    logits: Tensor, bias: Tensor | None, top_k: int, n_group: int, topk_group: int, scale: float, renorm: bool
+    logits: Tensor, bias: Tensor | None, top_k: int, n_group: int, topk_group: int, scale: float, renorm: bool,
+    scoring: str = "sigmoid", group_score: str = "top2_sum",
 ) -> tuple[Tensor, Tensor]:
-    """DeepSeek-V3 noaux_tc routing.
+    """DeepSeekMoE routing: DeepSeek-V3's noaux_tc (the defaults) and DeepSeek-V2's greedy / group_limited_greedy.
 
     logits: [T, E] float32 router logits;  bias: [E] float32 e_score_correction_bias, or None for none.
-    s = sigmoid(logits). Selection uses s + bias only: each of the `n_group` contiguous groups of E/n_group experts
-    scores the sum of its top-2 biased scores, the best `topk_group` groups are kept, and the top_k experts by
-    biased score among them are chosen (experts of dropped groups are -inf, never 0). Weights use the unbiased s
-    of the chosen experts, divided by their sum (+1e-20) when `renorm`, then multiplied by `scale`
-    (routed_scaling_factor) exactly once.
+    scoring: "sigmoid": s = sigmoid(logits);  "softmax": s = softmax(logits) over all E experts (float32).
+    Selection uses c = s + bias only (c = s without a bias): when n_group > 1 and topk_group < n_group, each of
+    the `n_group` contiguous groups of E/n_group experts gets a score from its members' c (group_score "top2_sum":
+    the sum of its top-2, V3; "max": its best one, V2), the best `topk_group` groups are kept, and the top_k experts
+    by c among them are chosen (experts of dropped groups are -inf, never 0). Otherwise the top_k of all E by c
+    (V2's greedy is n_group = topk_group = 1). Weights use the unbiased s of the chosen experts, divided by their
+    sum (+1e-20) when `renorm`, then multiplied by `scale` (routed_scaling_factor) exactly once.
     Returns (weights [T, top_k] float32, ids [T, top_k] int64). Order inside a row is unspecified: conformance
-    compares expert sets, and ties in the biased score may be broken either way.
+    compares expert sets, and ties in c may be broken either way.
+    `scoring` and `group_score` extend contract v2's seven-argument form (their defaults are V3's noaux_tc, so a
+    call without them means what it meant before); every backend must accept them.
     """
 
 

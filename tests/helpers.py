@@ -144,11 +144,11 @@ class GateMargins:
         self.smallest = float("inf")
         inner = ops.moe_gate
 
-        def gate(logits, bias, top_k, n_group, topk_group, scale, renorm):
+        def gate(logits, bias, top_k, n_group, topk_group, scale, renorm, scoring="sigmoid", group_score="top2_sum"):
             if logits.shape[0]:
-                margins = routing_margins(logits, bias, top_k, n_group, topk_group)
+                margins = routing_margins(logits, bias, top_k, n_group, topk_group, scoring, group_score)
                 self.smallest = min(self.smallest, float(margins.min()))
-            return inner(logits, bias, top_k, n_group, topk_group, scale, renorm)
+            return inner(logits, bias, top_k, n_group, topk_group, scale, renorm, scoring, group_score)
 
         ops.moe_gate = gate
 

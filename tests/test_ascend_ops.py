@@ -250,6 +250,23 @@ def test_moe_gate_limits_are_declared(g):
     assert "norm_topk_prob" in supports("moe_gate")(logits, randn(g, 256), 8, 8, 4, 2.5, False)
 
 
+@pytest.mark.parametrize("n_group,topk_group", [(8, 3), (1, 1)])
+@pytest.mark.parametrize("tokens", [0, 1, 33])
+def test_moe_gate_deepseek_v2(g, n_group, topk_group, tokens):
+    """V2's softmax gate (group_limited_greedy / greedy, no bias, no renorm) through norm_type 0 and
+    group_select_mode 0, at the kernel's 256 experts."""
+    logits = randn(g, tokens, 256, scale=2)
+    args = (logits, None, 6, n_group, topk_group, 16.0, False, "softmax", "max")
+    assert supports("moe_gate")(*args) is None
+    _same_routing(op("moe_gate")(*args), cpu_ref.moe_gate(*args))
+
+
+def test_moe_gate_deepseek_v2_limits_are_declared(g):
+    assert "64 experts" in supports("moe_gate")(randn(g, 4, 64), None, 6, 1, 1, 1.0, False, "softmax", "max")
+    reason = supports("moe_gate")(randn(g, 4, 256), None, 6, 8, 3, 1.0, True, "softmax", "max")
+    assert "softmax" in reason and "norm_topk_prob" in reason
+
+
 def _experts(g, e, d, inter, fp8: bool, dtype=F32):
     gate, up, down = randn(g, e, inter, d, scale=d ** -0.5), randn(g, e, inter, d, scale=d ** -0.5), \
         randn(g, e, d, inter, scale=inter ** -0.5)

@@ -289,10 +289,16 @@ def chi2_limit(df: int) -> float:
 
 
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic and degrees of freedom; cells expected fewer than 5 times are pooled into one (the
+    chi-square approximation needs that: one draw of a 1e-6 token would otherwise dominate the sum)."""
     support = probs > 0
     assert counts[~support].sum() == 0, "a token outside the distribution's support was drawn"
-    expected = probs[support] * counts.sum()
-    return float(((counts[support] - expected) ** 2 / expected).sum()), int(support.sum()) - 1
+    expected, observed = probs[support].double() * counts.sum(), counts[support].double()
+    small = expected < 5
+    if small.any():
+        expected = torch.cat([expected[~small], expected[small].sum()[None]])
+        observed = torch.cat([observed[~small], observed[small].sum()[None]])
+    return float(((observed - expected) ** 2 / expected).sum()), int(expected.numel()) - 1
 
 
 def draw_many(lp: torch.Tensor, n_rows: int, n_steps: int, params: SamplingParams) -> torch.Tensor:

@@ -156,17 +156,20 @@ def attention_cases(s: Shapes, b: Backend, r: Backend, dev: torch.device, dt: to
     cases, h, rank, p = [], s.heads, s.rank, s.rope
     elt = torch.finfo(dt).bits // 8
     scale = 0.1352337788608801
+    spec = b.manifest.cache if b.manifest is not None else None
+    page = 64 if spec is None or spec.takes(64) else spec.default()  # FlashMLA's page where the backend takes it
     for bsz, ctx in s.mla:
         for s_q in (1, 2):
-            cache = torch.randn(bsz, ctx, rank + p, dtype=dt, device=dev)
+            per_seq = -(-ctx // page)
+            cache = torch.randn(bsz * per_seq, page, rank + p, dtype=dt, device=dev)
+            table = torch.randperm(bsz * per_seq, device=dev).view(bsz, per_seq).to(torch.int32)  # shuffled pages
             q_lat = torch.randn(bsz, s_q, h, rank, dtype=dt, device=dev)
             q_pe = torch.randn(bsz, s_q, h, p, dtype=dt, device=dev)
-            slots = torch.arange(bsz, device=dev)
             lens = torch.full((bsz,), ctx, dtype=torch.int64, device=dev)
-            args = (q_lat, q_pe, cache, slots, lens, scale)
+            args = (q_lat, q_pe, cache, table, lens, scale)
             sum_sk, d_qk, d_v = bsz * ctx, rank + p, rank
             nbytes = elt * (sum_sk * d_qk + bsz * s_q * h * d_qk + bsz * s_q * h * d_v)
-            cases.append(Case("mla_decode", f"B={bsz} S={s_q} H={h} L={ctx}", lambda a=args: b.ops["mla_decode"](*a),
+            cases.append(Case("mla_decode", f"B={bsz} S={s_q} H={h} L={ctx} page={page}", lambda a=args: b.ops["mla_decode"](*a),
                               lambda a=args: r.ops["mla_decode"](*a), nbytes, 2 * s_q * h * (d_qk + d_v) * sum_sk))
     nope, dv = 2 * p, 2 * p  # DeepSeek-V3: qk_nope 128, rope 64, v 128
     for t in s.prefill:

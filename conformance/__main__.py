@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
-from conformance import block_checks, model_checks, op_checks, report, scaffold
+from conformance import block_checks, dist_checks, model_checks, op_checks, report, scaffold
 from conformance.context import PASS, CheckResult, Suite
 from core import registry
 from core.backend import RunMode
 from core.errors import UserError
 from core.ops import OPERATORS
 from core.run import OneLineParser, run_cli
+from core.safe_files import check_output_target, quote_name
 
-LEVELS = ("op", "block", "model")
+LEVELS = ("op", "block", "model", "dist")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -25,7 +25,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--backend", required=True)
     p.add_argument("--interpret", action="store_true", help="run Triton kernels through the interpreter (CPU)")
     p.add_argument("--simulate", action="store_true", help="run against the vendor library's emulation")
-    p.add_argument("--level", default="op,block,model", help="comma-separated: op, block, model")
+    p.add_argument("--level", default="op,block,model", help="comma-separated: op, block, model, dist")
+    p.add_argument("--nproc", default="2,4", help="dist level: comma-separated rank counts (default 2,4)")
     p.add_argument("--ops", help="comma-separated operators (op level only); default: all")
     p.add_argument("--cases", choices=["quick", "full", "gpu"],
                    help="case set (default: quick under --interpret/--simulate, else full)")
@@ -39,46 +40,44 @@ def parse(argv: list[str]) -> argparse.Namespace:
     if bad or not levels:
         raise UserError(f"--level: unknown level(s) {bad or args.level!r}; choose from {', '.join(LEVELS)}")
     args.levels = levels
+    try:
+        args.nproc_list = [int(x) for x in args.nproc.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--nproc: expected comma-separated integers, got {args.nproc!r}") from None
+    if not args.nproc_list or any(n < 2 for n in args.nproc_list):
+        raise UserError(f"--nproc: every rank count must be >= 2, got {args.nproc!r}")
     args.op_list = None
     if args.ops:
         args.op_list = [x.strip() for x in args.ops.split(",") if x.strip()]
         unknown = [x for x in args.op_list if x not in OPERATORS]
         if unknown:
             raise UserError(f"--ops: {', '.join(unknown)} not in the contract ({', '.join(OPERATORS)})")
-    if args.compare is not None:
-        try:
-            args.other = json.loads(args.compare.read_text())
-            ok = isinstance(args.other, dict) and isinstance(args.other.get("checks"), list) and all(
-                isinstance(args.other.get(k), dict) for k in ("environment", "summary"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"--compare: cannot read {args.compare} ({e})") from None
-        if not ok:
-            raise UserError(f"--compare: {args.compare} is not a conformance report.json "
-                            f"(needs environment, summary and checks)")
+    if args.compare is not None:  # validated in full before anything runs
+        args.other = report.read_other(args.compare)
     if args.seed is not None and not 0 <= args.seed < 2 ** 32:
         raise UserError(f"--seed must be in [0, 2^32), got {args.seed}")
     if args.report is not None:
-        writable_directory(args.report, "--report")
+        check_output_target(args.report, "--report", directory=True)  # nothing is created before the run ends
     return args
 
 
 def writable_directory(path: Path, option: str) -> None:
     """Refuse, before any work, a path that is a file or a directory that cannot be created or written."""
     if path.exists() and not path.is_dir():
-        raise UserError(f"{option}: {path} exists and is not a directory")
+        raise UserError(f"{option}: {quote_name(str(path))} exists and is not a directory")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"{option}: cannot create {path} ({e.strerror or e})") from None
+        raise UserError(f"{option}: cannot create {quote_name(str(path))} ({e.strerror or e})") from None
     if not os.access(path, os.W_OK):
-        raise UserError(f"{option}: {path} is not writable")
+        raise UserError(f"{option}: {quote_name(str(path))} is not writable")
 
 
 def run_suite(suite: Suite, levels: list[str], ops: list[str] | None = None, bisect: bool = True,
-              echo=print) -> list[CheckResult]:
+              echo=print, nproc: list[int] = (2, 4)) -> list[CheckResult]:
     results: list[CheckResult] = []
     runners = {"op": lambda: op_checks.run(suite, ops), "block": lambda: block_checks.run(suite),
-               "model": lambda: model_checks.run(suite, bisect)}
+               "model": lambda: model_checks.run(suite, bisect), "dist": lambda: dist_checks.run(suite, list(nproc))}
     for level in levels:
         for r in runners[level]():
             results.append(r)
@@ -112,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     suite = Suite(backend, avail, mode, case_set, seed)
     print(f"conformance: {backend.name} on {avail.device} ({suite.mode_name}), cases '{case_set}', seed {seed}")
     start = time.perf_counter()
-    results = run_suite(suite, args.levels, args.op_list, not args.no_bisect)
+    results = run_suite(suite, args.levels, args.op_list, not args.no_bisect, nproc=args.nproc_list)
     rep = report.build(results, suite, time.perf_counter() - start, " ".join(["python -m conformance", *argv]))
     comparison = report.compare(rep, args.other) if args.compare is not None else None
     if args.report is not None:

@@ -1,7 +1,8 @@
-"""Block level: one MLA layer (a varlen prefill, then decode steps of one and of two new tokens against the latent
-cache) and one MoE layer with the reference's routing injected, so that a gate difference cannot hide an
-expert-GEMM bug. Both run the real graph code (core.model) with the backend's operators and weight preparation,
-against the same code in float64 with cpu_ref."""
+"""Block level: one MLA layer (a varlen prefill, then decode steps of one and of two new tokens against the paged
+latent cache, shuffled block tables and NaN-poisoned unused blocks, and one MIXED step where one sequence decodes
+while the other prefills a chunk) and one MoE layer with the reference's routing injected, so that a gate
+difference cannot hide an expert-GEMM bug. Both run the real graph code (core.model) with the backend's operators
+and weight preparation, against the same code in float64 with cpu_ref."""
 
 from __future__ import annotations
 
@@ -77,25 +78,38 @@ def _verdict(r: CheckResult, err: Errors, ref_err: Errors, tol) -> CheckResult:
     return r
 
 
-def mla_steps(model: Model, attn, xs: list[torch.Tensor], plan: list[tuple], cache) -> list[torch.Tensor]:
+def mla_steps(model: Model, attn, xs: list[torch.Tensor], plan: list[tuple], cache, tables: list[list[int]]
+              ) -> list[torch.Tensor]:
+    """Run the layer's attention over the plan's steps (tokens, starts, num_decode) on the paged cache."""
     outs = []
-    for x, (tokens, starts, decode) in zip(xs, plan):
-        batch = Batch.build(tokens, [1, 0], starts, model.device, decode=decode)
+    for x, (tokens, starts, num_decode) in zip(xs, plan):
+        batch = Batch.build(tokens, tables, starts, model.device, block_size=cache.block_size, num_decode=num_decode)
         cos, sin = model.rope(batch.positions)
         outs.append(model._attention(attn, x.to(model.device), batch, cache.layers[0], cos, sin))
     return outs
+
+
+def block_size_for(suite: Suite) -> int:
+    """16 where the backend takes it (several blocks per sequence here), else its preferred size."""
+    spec = suite.manifest.cache
+    return 16 if spec.takes(16) else spec.default()
 
 
 def check_mla(suite: Suite, dtype: torch.dtype) -> CheckResult:
     dims = MLA_DIMS[suite.case_set]
     seed = suite.seed ^ zlib.crc32(b"mla")
     prompt = (9, 14)
-    plan = [([[5] * prompt[0], [5] * prompt[1]], [0, 0], False)]  # prefill (tokens only size the batch)
+    plan = [([[5] * prompt[0], [5] * prompt[1]], [0, 0], 0)]  # prefill (tokens only size the batch)
     lens = list(prompt)
-    for s in (1, 1, 1, 2):
-        plan.append(([[5] * s, [5] * s], list(lens), True))
-        lens = [n + s for n in lens]
-    r, tol = _result(suite, "mla_block", dtype, f"layer {dims}; prefill {list(prompt)} then decode S=1,1,1,2")
+    for new, num_decode in (((1, 1), 2), ((1, 3), 1), ((1, 1), 2), ((2, 2), 2)):  # step 2: decode + prefill chunk
+        plan.append(([[5] * n for n in new], list(lens), num_decode))
+        lens = [n + k for n, k in zip(lens, new)]
+    bs = block_size_for(suite)
+    used = [-(-n // bs) for n in lens]
+    order = torch.randperm(sum(used) + 2, generator=torch.Generator().manual_seed(seed)).tolist()
+    tables = [order[:used[0]], order[used[0]:sum(used)]]  # shuffled; two blocks nobody owns
+    r, tol = _result(suite, "mla_block", dtype, f"layer {dims}; paged block_size {bs}; prefill {list(prompt)}, "
+                                                f"decode S=1, decode+prefill-chunk 3, decode S=1, S=2")
     if tol.skip:
         r.detail = tol.reason
         return r
@@ -107,9 +121,12 @@ def check_mla(suite: Suite, dtype: torch.dtype) -> CheckResult:
     def run(ops, device, work, run_dtype):
         attn = WeightLoader(source, ops, device, run_dtype).attention("model.layers.0.self_attn.")
         model = Model(source.config, None, ops, device, run_dtype)
-        cache = model.new_cache(2, max(lens) + 1)
-        outs = mla_steps(model, attn, [x.to(work).to(run_dtype) for x in xs], plan, cache)
-        return outs, cache.layers[0][:, : max(lens)]
+        cache = model.new_cache(len(order), bs)
+        cache.layers[0].fill_(float("nan"))  # unused blocks, and rows not yet written, must never be read
+        outs = mla_steps(model, attn, [x.to(work).to(run_dtype) for x in xs], plan, cache, tables)
+        flat = cache.layers[0].view(-1, cache.layers[0].shape[-1])
+        rows = [flat[[t[i // bs] * bs + i % bs for i in range(n)]] for t, n in zip(tables, lens)]
+        return outs, rows
 
     cpu = torch.device("cpu")
     golden, golden_cache = run(suite.golden_dispatch(), cpu, dtype, torch.float64)
@@ -128,9 +145,10 @@ def check_mla(suite: Suite, dtype: torch.dtype) -> CheckResult:
         if e.rel > err.rel:
             worst_step = i
         err, ref_err = err.worst(e), ref_err.worst(errors(c, b))
-    for slot, n in ((1, lens[0]), (0, lens[1])):
-        err = err.worst(errors(got_cache[slot, :n], golden_cache[slot, :n]))
-    r.detail = f"worst step {worst_step} ({'prefill' if worst_step == 0 else 'decode'})"
+    for a, b in zip(got_cache, golden_cache):
+        err = err.worst(errors(a, b))
+    kind = {0: "prefill", 2: "mixed decode + prefill chunk"}.get(worst_step, "decode")
+    r.detail = f"worst step {worst_step} ({kind})"
     return _verdict(r, err, ref_err, tol)
 
 

@@ -44,16 +44,20 @@ def kl_divergence(golden_logits: Tensor, logits: Tensor) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
-def routing_margins(logits: Tensor, bias: Tensor | None, top_k: int, n_group: int, topk_group: int) -> Tensor:
+def routing_margins(logits: Tensor, bias: Tensor | None, top_k: int, n_group: int, topk_group: int,
+                    scoring: str = "sigmoid", group_score: str = "top2_sum") -> Tensor:
     """[T] float64: per token, the smaller of (a) the gap between the last kept and the best dropped group score and
     (b) the gap between the top_k-th and (top_k+1)-th biased expert score among the kept groups (inf where a gap
-    does not exist). Below ~1e-5, float32 rounding may legitimately pick another expert set."""
-    s = torch.sigmoid(logits.detach().cpu().double())
+    does not exist). Below ~1e-5, float32 rounding may legitimately pick another expert set. `scoring` and
+    `group_score` as in core.ops.moe_gate."""
+    x = logits.detach().cpu().double()
+    s = torch.sigmoid(x) if scoring == "sigmoid" else torch.softmax(x, dim=-1)
     if bias is not None:
         s = s + bias.detach().cpu().double()
     t, e = s.shape
     per = e // n_group
-    groups = s.view(t, n_group, per).topk(min(2, per), dim=-1).values.sum(-1)
+    grouped = s.view(t, n_group, per)
+    groups = grouped.topk(min(2, per), dim=-1).values.sum(-1) if group_score == "top2_sum" else grouped.amax(-1)
     margins = torch.full((t,), math.inf, dtype=torch.float64)
     if topk_group < n_group:
         top = groups.topk(topk_group + 1, dim=-1).values

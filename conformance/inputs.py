@@ -133,34 +133,61 @@ def _prefill(p, g):
                             f"seqs(q,k)={list(seqs)} scale={scale:.4g}")
 
 
+def paged_decode_cache(lens: list[int], width: int, block_size: int, g: torch.Generator, layout: str = "shuffled",
+                       spare: int = 3) -> tuple[Tensor, Tensor]:
+    """A float64 paged cache [blocks, block_size, width] and its block table [B, max_used + 2] int32 (contract v2).
+
+    layout "shuffled": every sequence's blocks drawn from a random permutation (non-contiguous, out of order);
+    "contiguous": sequence b owns consecutive blocks. Rows past lens in a partial last block and the `spare` unused
+    blocks are NaN; each table row continues past its used blocks with a NaN block's id, then -1, so an
+    implementation that reads past lens or dereferences a table entry it must not read returns NaN (or fails)."""
+    used = [-(-n // block_size) for n in lens]
+    total = sum(used) + spare
+    order = torch.randperm(total, generator=g).tolist() if layout == "shuffled" else list(range(total))
+    cache = torch.full((total, block_size, width), float("nan"), dtype=F64)
+    table = torch.full((len(lens), max(used, default=0) + 2), -1, dtype=torch.int32)
+    spare_ids, start = order[sum(used):], 0
+    for b, (n, k) in enumerate(zip(lens, used)):
+        ids = order[start:start + k]
+        start += k
+        rows = randn(g, k * block_size, width)
+        rows[n:] = float("nan")
+        cache[ids] = rows.view(k, block_size, width)
+        table[b, :k] = torch.tensor(ids, dtype=torch.int32)
+        if spare_ids:
+            table[b, k] = spare_ids[b % len(spare_ids)]
+    return cache, table
+
+
 def _decode(p, g):
     b, s, heads, r, pe = p["batch"], p["new"], p["heads"], p["rank"], p["rope"]
+    bs, layout = p.get("block_size", 16), p.get("table", "shuffled")
     lens = torch.tensor(p["lens"], dtype=torch.int64)
-    slots = torch.randperm(b + 2, generator=g)[:b]
-    width = (max(p["lens"]) if b else 1) + 3
-    cache = randn(g, b + 2, width, r + pe)
-    for i in range(b):  # poison everything past lens: a kernel that reads it returns NaN
-        cache[slots[i], int(lens[i]):] = float("nan")
+    cache, table = paged_decode_cache(p["lens"], r + pe, bs, g, layout)
     q_lat, q_pe = randn(g, b, s, heads, r, scale=0.1), randn(g, b, s, heads, pe)
     scale, view = p.get("scale", V3_SOFTMAX_SCALE), p.get("strided", False)
 
     def make(wd, rd, dev, h):
         return (act(q_lat, wd, rd, dev), strided(act(q_pe, wd, rd, dev), view), act(cache, wd, rd, dev),
-                slots.to(dev), lens.to(dev), scale)
+                table.to(dev), lens.to(dev), scale)
     return CaseInputs(make, f"q_lat[{b},{s},{heads},{r}] q_pe{' strided' if view else ''} "
-                            f"cache[{b + 2},{width},{r + pe}] lens={p['lens']} scale={scale:.4g}")
+                            f"cache[{cache.shape[0]},{bs},{r + pe}] {layout} table lens={p['lens']} "
+                            f"scale={scale:.4g}", extra={"block_size": bs})
 
 
 def _gate(p, g):
     t, e = p["tokens"], p["experts"]
     logits = randn(g, t, e, scale=2.0).float()
     bias = (0.1 * randn(g, e)).float()
-    args = (p["top_k"], p["groups"], p["topk_group"], p["scale"], p.get("renorm", True))
+    scoring, group_score = p.get("scoring", "sigmoid"), p.get("group_score", "top2_sum")
+    args = (p["top_k"], p["groups"], p["topk_group"], p["scale"], p.get("renorm", True), scoring, group_score)
+    with_bias = p.get("bias", True)  # DeepSeek-V2's softmax gate has no correction bias
 
     def make(wd, rd, dev, h):
         dt = F64 if rd == F64 else torch.float32
-        return (logits.to(dt).to(dev), bias.to(dt).to(dev)) + args
-    return CaseInputs(make, f"logits[{t},{e}] groups={p['groups']} keep={p['topk_group']} top_k={p['top_k']}")
+        return (logits.to(dt).to(dev), bias.to(dt).to(dev) if with_bias else None) + args
+    return CaseInputs(make, f"logits[{t},{e}] {scoring} groups={p['groups']} ({group_score}) keep={p['topk_group']} "
+                            f"top_k={p['top_k']}{'' if with_bias else ' no bias'}")
 
 
 def _experts(p, g):
@@ -170,6 +197,10 @@ def _experts(p, g):
           randn(g, e, d, inter, scale=inter ** -0.5)]
     ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]) if t else torch.zeros(0, k, dtype=torch.int64)
     weights = torch.rand(t, k, generator=g, dtype=F64).float() * 0.8 + 0.1
+    remote = float(p.get("remote", 0.0))  # expert parallelism: this share of slots held by another rank (id -1)
+    if remote and t:
+        ids[torch.rand(t, k, generator=g, dtype=F64) < remote] = -1
+        ids[0] = -1  # one token with no local expert at all: its row must be exactly 0
     if p.get("weight", "fp8") == "fp8":
         quantized = [quantize_blocks(w.float()) for w in ws]
 
@@ -184,7 +215,8 @@ def _experts(p, g):
     def make(wd, rd, dev, h):
         return (act(x, wd, rd, dev), prepared(wd, rd, dev, h), weights.to(F64 if rd == F64 else torch.float32).to(dev),
                 ids.to(dev))
-    return CaseInputs(make, f"x[{t},{d}] experts[{e}x({inter},{d})] top_k={k} {p.get('weight', 'fp8')}")
+    shape = f"x[{t},{d}] experts[{e}x({inter},{d})] top_k={k} {p.get('weight', 'fp8')}"
+    return CaseInputs(make, shape + (f" remote(-1)={int((ids < 0).sum())}/{ids.numel()}" if remote else ""))
 
 
 BUILDERS = {

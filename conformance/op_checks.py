@@ -78,11 +78,12 @@ def _structure(outs: list[Tensor], gold: list[Tensor], dtype: torch.dtype, op: s
     return ""
 
 
-def gate_errors(out, golden, logits: Tensor, bias: Tensor, top_k: int, n_group: int, topk_group: int):
+def gate_errors(out, golden, logits: Tensor, bias: Tensor | None, top_k: int, n_group: int, topk_group: int,
+                scoring: str = "sigmoid", group_score: str = "top2_sum"):
     """(weight errors on rows whose expert sets agree, rows that differ with a real margin, near-tie rows)."""
     w, ids = out[0].cpu(), out[1].cpu()
     gw, gids = golden[0].cpu(), golden[1].cpu()
-    margins = routing_margins(logits, bias, top_k, n_group, topk_group)
+    margins = routing_margins(logits, bias, top_k, n_group, topk_group, scoring, group_score)
     t = margins.shape[0]
     err, mismatched, near = Errors.zero(), [], []
     agree_rows = []
@@ -118,6 +119,11 @@ def check_case(suite: Suite, op: str, case: dict, dtype: torch.dtype, inputs=Non
                          tolerance_source=tol.source)
     inputs = inputs or case_inputs(suite, op, case)
     result.shape = inputs.shape
+    block_size = inputs.extra.get("block_size")
+    if block_size is not None and not suite.manifest.cache.takes(block_size):
+        result.detail = (f"block size {block_size} is not one {suite.backend.name} declares (cache.block_sizes: "
+                         f"{suite.manifest.cache.describe()}): not run")
+        return result
     impl = getattr(suite.dispatch, op)
     ref_op = suite.reference_op(op, numerics)
     cpu = torch.device("cpu")
@@ -155,8 +161,9 @@ def check_case(suite: Suite, op: str, case: dict, dtype: torch.dtype, inputs=Non
     golden = _flat(ref_op(*inputs.make(dtype, torch.float64, cpu, suite.reference_hooks())))
     if op == "moe_gate":
         logits, bias, top_k, n_group, topk_group = args[0], args[1], args[2], args[3], args[4]
-        err, mismatched, near = gate_errors(outs, golden, logits, bias, top_k, n_group, topk_group)
-        ref_err, _, _ = gate_errors(ref_out, golden, logits, bias, top_k, n_group, topk_group)
+        rule = tuple(args[7:9])  # scoring, group_score (absent: the contract's defaults)
+        err, mismatched, near = gate_errors(outs, golden, logits, bias, top_k, n_group, topk_group, *rule)
+        ref_err, _, _ = gate_errors(ref_out, golden, logits, bias, top_k, n_group, topk_group, *rule)
         notes = []
         if near:
             notes.append(f"{len(near)} near-tie row(s) (margin < {NEAR_TIE}) chose another expert set: reported, not failed")
@@ -170,6 +177,9 @@ def check_case(suite: Suite, op: str, case: dict, dtype: torch.dtype, inputs=Non
         ref_err = Errors.zero()
         for o, g, r in zip(outs, golden, ref_out):
             err, ref_err = err.worst(errors(o, g)), ref_err.worst(errors(r, g))
+            if o.is_floating_point() and bool(o.isnan().any()) and not bool(g.isnan().any()):
+                result.verdict = FAIL
+                result.detail = "NaN in the output where golden has none (a poisoned input row or block was read)"
     result.rel_err, result.max_abs, result.max_rel, result.ref_rel_err = err.rel, err.max_abs, err.max_rel, ref_err.rel
     if result.verdict != FAIL:
         result.verdict = PASS if err.rel <= tol.rtol else FAIL

@@ -25,35 +25,29 @@ def rope_on_interleaved_pairs(x, cos, sin):
     return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2).to(x.dtype)
 
 
-def gate_bias_in_weights(logits, bias, top_k, n_group, topk_group, scale, renorm):
+def gate_bias_in_weights(logits, bias, top_k, n_group, topk_group, scale, renorm, scoring="sigmoid",
+                         group_score="top2_sum"):
     """The correction bias leaks into the expert weights."""
-    weights, ids = _gate(logits, bias, top_k, n_group, topk_group, scale, renorm)
-    biased = torch.sigmoid(logits.float()) + (bias.float() if bias is not None else 0)
+    weights, ids = _gate(logits, bias, top_k, n_group, topk_group, scale, renorm, scoring, group_score)
+    s = torch.sigmoid(logits.float()) if scoring == "sigmoid" else torch.softmax(logits.float(), -1)
+    biased = s + (bias.float() if bias is not None else 0)
     w = biased.gather(1, ids)
     if renorm:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
     return (w * scale).to(weights.dtype), ids
 
 
-def gate_group_by_max(logits, bias, top_k, n_group, topk_group, scale, renorm):
-    """Groups scored by their best expert (the V2 rule) instead of the sum of their top two."""
-    if n_group <= 1 or topk_group >= n_group:
-        return _gate(logits, bias, top_k, n_group, topk_group, scale, renorm)
-    t, e = logits.shape
-    scores = torch.sigmoid(logits.float())
-    choice = scores + (bias.float() if bias is not None else 0)
-    group = choice.view(t, n_group, -1).amax(-1)
-    keep = torch.zeros_like(group, dtype=torch.bool).scatter_(1, group.topk(topk_group, -1).indices, True)
-    choice = choice.masked_fill(~keep.repeat_interleave(e // n_group, 1), float("-inf"))
-    ids = choice.topk(top_k, -1).indices
-    w = scores.gather(1, ids)
-    if renorm:
-        w = w / (w.sum(-1, keepdim=True) + 1e-20)
-    return w * scale, ids
+def gate_group_by_max(logits, bias, top_k, n_group, topk_group, scale, renorm, scoring="sigmoid",
+                      group_score="top2_sum"):
+    """Groups scored by the other family's rule: by their best expert (V2) where the sum of their top two (V3) is
+    asked for, and the other way round."""
+    wrong = "max" if group_score == "top2_sum" else "top2_sum"
+    return _gate(logits, bias, top_k, n_group, topk_group, scale, renorm, scoring, wrong)
 
 
-def gate_not_renormalised(logits, bias, top_k, n_group, topk_group, scale, renorm):
-    return _gate(logits, bias, top_k, n_group, topk_group, scale, False)
+def gate_not_renormalised(logits, bias, top_k, n_group, topk_group, scale, renorm, scoring="sigmoid",
+                          group_score="top2_sum"):
+    return _gate(logits, bias, top_k, n_group, topk_group, scale, False, scoring, group_score)
 
 
 def prefill_default_scale(q, k, v, cu_q, cu_k, scale):
@@ -88,14 +82,35 @@ def silu_on_up_half(x):
     return cpu_ref.silu_and_mul(torch.cat([x[..., inter:], x[..., :inter]], dim=-1))
 
 
-def decode_one_position_too_many(q_lat, q_pe, cache, slots, lens, scale):
+def decode_one_position_too_many(q_lat, q_pe, cache, block_table, lens, scale):
     """Attends to one cache position past the sequence's length."""
-    return _decode(q_lat, q_pe, cache, slots, lens + 1, scale)
+    return _decode(q_lat, q_pe, cache, block_table, lens + 1, scale)
 
 
-def decode_hard_coded_v3_scale(q_lat, q_pe, cache, slots, lens, scale):
+def decode_hard_coded_v3_scale(q_lat, q_pe, cache, block_table, lens, scale):
     """Ignores the scale it is given and uses DeepSeek-V3's 0.1352 (right for V3, wrong for any other model)."""
-    return _decode(q_lat, q_pe, cache, slots, lens, 0.1352337788608801)
+    return _decode(q_lat, q_pe, cache, block_table, lens, 0.1352337788608801)
+
+
+def decode_last_block_off_by_one(q_lat, q_pe, cache, block_table, lens, scale):
+    """Reads the last (partial) block of each sequence from the next table entry: an off-by-one in the block index
+    (e.g. ceil where floor belongs) that only shows on the last page."""
+    table = block_table.clone()
+    bs = cache.shape[1]
+    for b in range(table.shape[0]):
+        last = (int(lens[b]) - 1) // bs
+        if last + 1 < table.shape[1]:
+            table[b, last] = block_table[b, last + 1]
+    return _decode(q_lat, q_pe, cache, table, lens, scale)
+
+
+def decode_ignores_block_table(q_lat, q_pe, cache, block_table, lens, scale):
+    """Takes only each sequence's first block from the table and assumes the rest follow it contiguously (the v1
+    layout): right for contiguous tables, wrong for shuffled ones."""
+    table = block_table.clone()
+    steps = torch.arange(table.shape[1], dtype=table.dtype, device=table.device)
+    table[:] = (block_table[:, :1] + steps[None, :]) % cache.shape[0]
+    return _decode(q_lat, q_pe, cache, table, lens, scale)
 
 
 def add_rms_norm_fixed_eps(x, residual, weight, eps):
@@ -119,6 +134,8 @@ PLANTED = {
     "decode_one_position_too_many": ("mla_decode", decode_one_position_too_many),
     "rms_norm_wrong_eps": ("rms_norm", rms_norm_fixed_eps),
     "decode_hard_coded_v3_scale": ("mla_decode", decode_hard_coded_v3_scale),
+    "decode_last_block_off_by_one": ("mla_decode", decode_last_block_off_by_one),
+    "decode_ignores_block_table": ("mla_decode", decode_ignores_block_table),
     "add_rms_norm_ignores_eps": ("add_rms_norm", add_rms_norm_fixed_eps),
 }
 """bug name -> (the operator it lives in, the buggy implementation)."""

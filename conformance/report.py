@@ -7,16 +7,19 @@ import datetime
 import importlib.metadata
 import json
 import math
-import os
 import platform
 import subprocess
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import torch
 
 from conformance.context import FAIL, PASS, SKIP, CheckResult, Suite
+from core.errors import UserError
+from core.safe_files import MAX_REPORT_BYTES, one_line, quote_name, quote_value, read_json_file, \
+    write_files_atomically
+
+MAX_CHECKS = 100_000
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,7 +122,7 @@ def markdown(report: dict, comparison: list[str] | None = None) -> str:
     if comparison:
         lines += ["", "## Compared with another report", ""] + comparison
     reasons: dict[str, int] = {}
-    for level in ("op", "block", "model"):
+    for level in ("op", "block", "model", "dist"):
         rows = [c for c in report["checks"] if c["level"] == level]
         if not rows:
             continue
@@ -139,19 +142,66 @@ def markdown(report: dict, comparison: list[str] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cell(text: object) -> str:
+    """A value from a report as one markdown table cell: one line, pipes escaped."""
+    return one_line(text).replace("|", "\\|")
+
+
+def read_other(path: Path) -> dict:
+    """Read and validate, in full, a report.json given to --compare (before anything runs): a regular file within
+    the size and depth limits, with every field compare() uses present and of the right type."""
+    shown = f"--compare: {quote_name(str(path))}"
+    data = read_json_file(Path(path), MAX_REPORT_BYTES, error=UserError, what=shown)
+    validate(data, shown)
+    return data
+
+
+def validate(data: object, shown: str) -> None:
+    """Raise a one-line UserError unless `data` has the shape of a conformance report.json."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise UserError(f"{shown} is not a conformance report.json ({what})")
+
+    need(isinstance(data, dict) and isinstance(data.get("checks"), list)
+         and all(isinstance(data.get(k), dict) for k in ("environment", "summary")),
+         "needs environment, summary and checks")
+    env, summary, checks = data["environment"], data["summary"], data["checks"]
+    for key in ("backend", "device", "commit"):
+        need(isinstance(env.get(key), str), f"environment.{key} must be a string")
+    need(isinstance(env.get("backend_device_name", ""), str), "environment.backend_device_name must be a string")
+    need(isinstance(summary.get("verdict"), str), "summary.verdict must be a string")
+    for key in ("passed", "failed"):
+        v = summary.get(key)
+        need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"summary.{key} must be a count")
+    need(len(checks) <= MAX_CHECKS, f"more than {MAX_CHECKS} checks")
+    names = set()
+    for i, c in enumerate(checks):
+        need(isinstance(c, dict) and isinstance(c.get("name"), str), f"checks[{i}] needs a name")
+        need(c["name"] not in names, f"check {quote_name(c['name'])} appears twice")
+        names.add(c["name"])
+        need(c.get("verdict") in (PASS, FAIL, SKIP), f"checks[{i}].verdict {quote_value(c.get('verdict'))} is "
+                                                     f"not pass, fail or skip")
+        err = c.get("rel_err")
+        need(err is None or err == "inf" or (isinstance(err, (int, float)) and not isinstance(err, bool)
+                                             and math.isfinite(err) and err >= 0),
+             f"checks[{i}].rel_err {quote_value(err)} is not a non-negative number, \"inf\" or null")
+
+
 def compare(current: dict, other: dict) -> list[str]:
-    """What changed between two reports: verdicts, checks present in only one, errors that moved by > 2x."""
+    """What changed between two reports: verdicts, checks present in only one, errors that moved by > 2x.
+    `other` has passed validate(); every value taken from it is shown through _cell."""
     mine = {c["name"]: c for c in current["checks"]}
     theirs = {c["name"]: c for c in other["checks"]}
     o_env = other["environment"]
-    lines = [f"Other: `{o_env['backend']}` on {o_env.get('backend_device_name', o_env['device'])}, "
-             f"commit {o_env['commit']}, {other['summary']['verdict']} "
+    lines = [f"Other: `{_cell(o_env['backend'])}` on {_cell(o_env.get('backend_device_name') or o_env['device'])}, "
+             f"commit {_cell(o_env['commit'])}, {_cell(other['summary']['verdict'])} "
              f"({other['summary']['passed']} passed, {other['summary']['failed']} failed).", ""]
     rows = []
     for name in sorted(set(mine) | set(theirs)):
         a, b = mine.get(name), theirs.get(name)
         if a is None or b is None:
-            rows.append(f"| {name} | {'-' if b is None else b['verdict']} | {'-' if a is None else a['verdict']} | only in one report |")
+            rows.append(f"| {_cell(name)} | {'-' if b is None else b['verdict']} | "
+                        f"{'-' if a is None else a['verdict']} | only in one report |")
             continue
         moved = ""
         numbers = all(isinstance(c["rel_err"], (int, float)) for c in (a, b))
@@ -160,22 +210,16 @@ def compare(current: dict, other: dict) -> list[str]:
             if ratio > 2 or ratio < 0.5:
                 moved = f"error {_fmt(b['rel_err'])} -> {_fmt(a['rel_err'])}"
         if a["verdict"] != b["verdict"] or moved:
-            rows.append(f"| {name} | {b['verdict']} | {a['verdict']} | {moved} |")
+            rows.append(f"| {_cell(name)} | {b['verdict']} | {a['verdict']} | {moved} |")
     if not rows:
         return lines + ["No check changed verdict, and no error moved by more than 2x."]
     return lines + ["| check | other | this | change |", "|---|---|---|---|"] + rows
 
 
 def write(report: dict, directory: Path, comparison: list[str] | None = None) -> None:
-    """Write report.json and report.md atomically (a failure leaves no half-written report)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, text in (("report.json", json.dumps(report, indent=2, default=str)),
-                       ("report.md", markdown(report, comparison))):
-        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-            os.replace(tmp, directory / name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    """Write report.json and report.md: both or neither (core.safe_files.write_files_atomically); a failure is one
+    line and leaves nothing half-written."""
+    write_files_atomically(Path(directory), {
+        "report.json": json.dumps(report, indent=2, default=str).encode(),
+        "report.md": markdown(report, comparison).encode(),
+    }, "--report")

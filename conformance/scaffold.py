@@ -83,7 +83,8 @@ def manifest(name: str) -> str:
     for op in OPERATORS:
         dtypes = "[float32]" if op == "moe_gate" else "[float32, bfloat16]"  # the router's logits are float32
         lines.append(f"  {op}: {{dtypes: {dtypes}}}")
-    lines += ["toolchain:",
+    lines += ["cache: {block_sizes: any}   # paged-cache block sizes your mla_decode takes, e.g. [16, 64, 128]",
+              "toolchain:",
               "  tested: []   # add {torch: ..., your_toolkit: ..., device: ...} for every setup conformance passed on"]
     return "\n".join(lines) + "\n"
 

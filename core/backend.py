@@ -16,6 +16,10 @@ defines `BACKEND = Backend(...)` and whose `manifest.yaml` declares what it impl
       - {op: linear, dtype: bfloat16, rtol: 0.03, atol: 0.01, reason: "..."}
     toolchain:                       # versions this backend was tested with, and where
       tested: [{torch: 2.13.0, device: "..."}]
+    cache:                           # optional: the paged latent cache its mla_decode takes (contract v2)
+      block_sizes: [16, 64, 128]     # a list of positive ints, or "any" (the default when absent)
+      preferred: 64                  # optional: the block size used when the user names none (default: 16 if
+                                     # taken, else the smallest declared)
 
 Operators absent from the manifest fall back to cpu_ref on the backend's own device (printed in the dispatch table,
 refused under --strict). Registration fails if the code and the manifest disagree.
@@ -28,10 +32,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import yaml
 
-from core.errors import ContractError
+from core.errors import ContractError, UserError
 from core.ops import OPERATORS, PREPARE_HOOKS, WEIGHT_HOOK, check_signature
+from core.safe_files import MAX_MANIFEST_BYTES, quote_name, quote_value, read_yaml_file
 
 NUMERICS_CLASSES = ("reference", "w8a8", "w8a8_fnuz", "w8a8_int8")
 """`reference`: weights dequantised exactly, activations in the working dtype. `w8a8`: activations quantised per
@@ -90,6 +94,51 @@ class OperatorEntry:
     weights: tuple[str, ...] = ()
 
 
+DEFAULT_BLOCK_SIZE = 16
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """The manifest's `cache` entry: which paged-cache block sizes the backend's mla_decode takes."""
+
+    block_sizes: tuple[int, ...] | None = None  # None: any block size
+    preferred: int | None = None
+
+    def takes(self, block_size: int) -> bool:
+        return self.block_sizes is None or block_size in self.block_sizes
+
+    def describe(self) -> str:
+        return "any" if self.block_sizes is None else ", ".join(map(str, self.block_sizes))
+
+    def default(self) -> int:
+        if self.preferred is not None:
+            return self.preferred
+        if self.takes(DEFAULT_BLOCK_SIZE):
+            return DEFAULT_BLOCK_SIZE
+        return min(self.block_sizes)
+
+    @staticmethod
+    def parse(data: Any, where: str) -> "CacheSpec":
+        if data is None:
+            return CacheSpec()
+        if not isinstance(data, dict) or set(data) - {"block_sizes", "preferred"}:
+            raise ContractError(f"{where}: 'cache' must be a mapping with keys block_sizes (a list or \"any\") "
+                                f"and optional preferred")
+        sizes = data.get("block_sizes", "any")
+        if sizes == "any":
+            spec = CacheSpec(None, data.get("preferred"))
+        else:
+            if (not isinstance(sizes, list) or not sizes
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes)):
+                raise ContractError(f"{where}: cache.block_sizes must be \"any\" or a non-empty list of positive "
+                                    f"ints, got {sizes!r}")
+            spec = CacheSpec(tuple(sorted(set(sizes))), data.get("preferred"))
+        p = spec.preferred
+        if p is not None and (not isinstance(p, int) or isinstance(p, bool) or p < 1 or not spec.takes(p)):
+            raise ContractError(f"{where}: cache.preferred {p!r} is not one of cache.block_sizes ({spec.describe()})")
+        return spec
+
+
 @dataclass(frozen=True)
 class Manifest:
     path: Path
@@ -100,27 +149,25 @@ class Manifest:
     nondeterministic: dict[str, str]
     tolerances: tuple[dict, ...]
     toolchain: dict[str, Any]
+    cache: CacheSpec = CacheSpec()
 
     @staticmethod
     def load(path: Path) -> "Manifest":
-        where = str(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise ContractError(f"{where}: cannot read the manifest ({str(e).splitlines()[0]})") from None
+        where = quote_name(str(path))
+        data = read_yaml_file(path, MAX_MANIFEST_BYTES, error=ContractError, what=f"{where} (manifest)")
         if not isinstance(data, dict):
             raise ContractError(f"{where}: the manifest must be a mapping")
         unknown = set(data) - {"backend", "description", "operators", "limits", "nondeterministic", "tolerances",
-                               "toolchain"}
+                               "toolchain", "cache"}
         if unknown:
-            raise ContractError(f"{where}: unknown manifest keys {sorted(unknown)}")
+            raise ContractError(f"{where}: unknown manifest keys {quote_value(sorted(map(str, unknown)))}")
         ops = data.get("operators") or {}
         if not isinstance(ops, dict):
             raise ContractError(f"{where}: 'operators' must map operator names to entries")
         entries = {}
         for name, entry in ops.items():
-            if name not in OPERATORS:
-                raise ContractError(f"{where}: operators.{name} is not an operator of the contract")
+            if not isinstance(name, str) or name not in OPERATORS:
+                raise ContractError(f"{where}: operators.{quote_name(name)} is not an operator of the contract")
             entry = entry or {}
             if not isinstance(entry, dict):
                 raise ContractError(f"{where}: operators.{name} must be a mapping like {{dtypes: [bfloat16]}}")
@@ -129,10 +176,10 @@ class Manifest:
                     raise ContractError(f"{where}: operators.{name}.{key} must be a list")
             dtypes = tuple(entry.get("dtypes", ()))
             for d in dtypes + tuple(entry.get("weights", ())):
-                if d not in DTYPE_NAMES:
-                    raise ContractError(f"{where}: operators.{name}: unknown dtype '{d}'")
+                if not isinstance(d, str) or d not in DTYPE_NAMES:
+                    raise ContractError(f"{where}: operators.{name}: unknown dtype {quote_value(d)}")
             numerics = entry.get("numerics", "reference")
-            if numerics not in NUMERICS_CLASSES:
+            if not isinstance(numerics, str) or numerics not in NUMERICS_CLASSES:
                 raise ContractError(f"{where}: operators.{name}.numerics must be one of {NUMERICS_CLASSES}")
             if not dtypes:
                 raise ContractError(f"{where}: operators.{name} declares no dtypes")
@@ -140,11 +187,17 @@ class Manifest:
         tolerances = tuple(data.get("tolerances") or ())
         for t in tolerances:
             if not isinstance(t, dict) or not {"op", "dtype", "reason"} <= set(t) or not str(t["reason"]).strip():
-                raise ContractError(f"{where}: every tolerance override needs op, dtype and a reason: {t}")
+                raise ContractError(f"{where}: every tolerance override needs op, dtype and a reason: {quote_value(t)}")
+        for key in ("limits", "nondeterministic", "toolchain"):
+            if not isinstance(data.get(key) or {}, dict):
+                raise ContractError(f"{where}: {key} must be a mapping")
+        if not isinstance(data.get("tolerances") or [], list):
+            raise ContractError(f"{where}: tolerances must be a list")
         for key in ("limits", "nondeterministic"):
             for name in data.get(key) or {}:
-                if name not in entries:
-                    raise ContractError(f"{where}: {key}.{name} names an operator the manifest does not declare")
+                if not isinstance(name, str) or name not in entries:
+                    raise ContractError(f"{where}: {key}.{quote_name(name)} names an operator the manifest does "
+                                        f"not declare")
         return Manifest(
             path=path,
             backend=str(data.get("backend", path.parent.name)),
@@ -154,6 +207,7 @@ class Manifest:
             nondeterministic=dict(data.get("nondeterministic") or {}),
             tolerances=tolerances,
             toolchain=dict(data.get("toolchain") or {}),
+            cache=CacheSpec.parse(data.get("cache"), where),
         )
 
 
@@ -169,6 +223,9 @@ class Backend:
     ops:           operator name -> implementation (or `Limited`); only operators of core.ops.OPERATORS.
     prepare_linear, prepare_experts: the weight hooks (None: cpu_ref's, whose formats are core.ops.LinearWeight
                    and ExpertWeights).
+    communicator:  optional: ProcessGroup -> an object with all_reduce(x), all_gather(x, dim), all_to_all(x, splits)
+                   and describe() (core.parallel.comm.Communicator), e.g. a custom all-reduce; None: torch.distributed
+                   on `dist_backend` (core.parallel.comm.TorchDistributed).
     manifest:      attached by discovery from the backend's manifest.yaml.
     """
 
@@ -179,6 +236,7 @@ class Backend:
     ops: dict[str, Callable | Limited]
     prepare_linear: Callable | None = None
     prepare_experts: Callable | None = None
+    communicator: Callable | None = None
     manifest: Manifest | None = None
     origin: str = ""  # where discovery found it: a directory or an entry point
 
@@ -210,3 +268,17 @@ class Backend:
             if isinstance(self.ops[name], Limited) and name not in self.manifest.limits:
                 raise ContractError(f"{where}: {name} has input limits in code; describe them under 'limits'")
         assert set(PREPARE_HOOKS) == {"prepare_linear", "prepare_experts"}
+
+
+def choose_block_size(backend: Backend, requested: int | None) -> int:
+    """The paged-cache block size for `backend`: `requested` when its manifest's cache.block_sizes takes it (a
+    backend without its own mla_decode takes any, as cpu_ref does), its preferred size when None; otherwise a
+    one-line UserError naming the option and the sizes the backend takes."""
+    spec = backend.manifest.cache if backend.manifest is not None and "mla_decode" in backend.ops else CacheSpec()
+    if requested is None:
+        return spec.default()
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+        raise UserError(f"--block-size must be a positive integer, got {requested!r}")
+    if not spec.takes(requested):
+        raise UserError(f"--block-size {requested}: backend {backend.name} takes block sizes {spec.describe()}")
+    return requested

@@ -1,4 +1,9 @@
-"""The token layout of one forward pass and the latent KV cache it reads and writes."""
+"""The token layout of one forward pass and the paged latent cache it reads and writes (operator contract v2).
+
+Cache position t of a sequence lives in block `table[t // block_size]`, row `t % block_size`; its flat slot is
+`block * block_size + row` in the cache viewed as `[num_blocks * block_size, R+P]`. Which blocks a sequence holds is
+the business of `core.engine.blocks.BlockPool`; this module only lays the tensors out.
+"""
 
 from __future__ import annotations
 
@@ -8,61 +13,128 @@ import torch
 from torch import Tensor
 
 
-class LatentCache:
-    """One `[slots, max_len, kv_lora_rank + qk_rope_head_dim]` tensor per MLA layer: the normalised latent followed
-    by the roped shared key, in the working dtype. Sequence b lives in row `slot`, token i at column i."""
+class PagedCache:
+    """One `[num_blocks, block_size, kv_lora_rank + qk_rope_head_dim]` tensor per MLA layer (the normalised latent
+    followed by the roped shared key), in the working dtype. Blocks are shared by all sequences through their block
+    tables; a block id means the same block in every layer."""
 
-    def __init__(self, num_layers: int, slots: int, max_len: int, width: int, dtype: torch.dtype,
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, width: int, dtype: torch.dtype,
                  device: torch.device):
-        self.layers = [torch.zeros(slots, max_len, width, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.max_len = max_len
+        if num_blocks < 0 or block_size < 1:
+            raise ValueError(f"PagedCache needs num_blocks >= 0 and block_size >= 1, got {num_blocks}, {block_size}")
+        self.block_size = block_size
+        self.layers = [torch.zeros(num_blocks, block_size, width, dtype=dtype, device=device)
+                       for _ in range(num_layers)]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.layers[0].shape[0]
 
     @property
     def bytes_per_token_per_layer(self) -> int:
         t = self.layers[0]
         return t.shape[-1] * t.element_size()
 
+    @property
+    def bytes_per_token(self) -> int:
+        """One cache position in every layer (what `blocks_in_budget` calls bytes_per_token)."""
+        return self.bytes_per_token_per_layer * len(self.layers)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.layers)
+
+    def grow(self, num_blocks: int) -> None:
+        """Make room for block ids up to num_blocks - 1, keeping every block's contents (no-op if already there)."""
+        for i, t in enumerate(self.layers):
+            if t.shape[0] < num_blocks:
+                bigger = t.new_zeros(num_blocks, *t.shape[1:])
+                bigger[: t.shape[0]] = t
+                self.layers[i] = bigger
+
 
 @dataclass
 class Batch:
     """B sequences, each adding q_lens[b] tokens after starts[b] cached ones; tokens grouped by sequence.
 
-    decode=True asks for the absorbed path (`mla_decode`): every sequence adds the same number S of tokens.
-    position_offset shifts rope positions from cache columns (the MTP layer sees token j at position j + 1).
+    The first `num_decode` sequences are DECODE sequences: each adds the same number S = new_per_seq of tokens and
+    attends through the absorbed path (`mla_decode` over the block table). The remaining sequences are PREFILL
+    chunks of any length (naive path: their keys are gathered through their block tables, `attention_prefill`).
+    Everything but attention runs once over all T tokens. position_offset shifts rope positions from cache
+    positions (the MTP layer sees entry j at position j + 1).
+
+    Tensor fields (all on the model's device):
+      tokens       [T] int64            the new tokens, sequence by sequence
+      block_table  [B, max_blocks] int32 each sequence's blocks (-1 past its last one)
+      starts       [B] int64            tokens already cached per sequence
+      lens         [B] int64            starts + q_lens (cache length after this pass)
+      slot_mapping [T] int64            flat cache slot (block * block_size + row) each new token is written to
+      positions    [T] int64            rope positions
+      prefill_cu_q [P+1] int32          cumulative query starts of the P = B - num_decode prefill sequences
+      prefill_cu_k [P+1] int32          cumulative key starts (keys = every cached position, new ones included)
+      key_slots    [Tk] int64           flat slots of those keys, gathered through the block tables
     """
 
-    tokens: Tensor  # [T] int64
-    slots: Tensor  # [B] int64
-    starts: Tensor  # [B] int64
-    lens: Tensor  # [B] int64 = starts + q_lens
-    cu_q: Tensor  # [B+1] int32
-    cu_k: Tensor  # [B+1] int32
-    token_slot: Tensor  # [T] cache row of each token
-    token_index: Tensor  # [T] cache column of each token
-    positions: Tensor  # [T] rope positions
-    key_slot: Tensor  # [Tk] for the prefill path: every cached key of every sequence
-    key_index: Tensor  # [Tk]
-    decode: bool
-    new_per_seq: int  # S when decode
+    tokens: Tensor
+    block_table: Tensor
+    starts: Tensor
+    lens: Tensor
+    slot_mapping: Tensor
+    positions: Tensor
+    prefill_cu_q: Tensor
+    prefill_cu_k: Tensor
+    key_slots: Tensor
+    num_decode: int
+    new_per_seq: int  # S of the decode sequences (0 when there are none)
+    block_size: int
 
     @property
     def num_seqs(self) -> int:
-        return self.slots.shape[0]
+        return self.starts.shape[0]
+
+    @property
+    def num_decode_tokens(self) -> int:
+        """The decode sequences' tokens come first: tokens[:num_decode_tokens]."""
+        return self.num_decode * self.new_per_seq
+
+    @property
+    def decode(self) -> bool:
+        """A pure-decode batch (every sequence on the absorbed path)."""
+        return self.num_decode == self.num_seqs
 
     @staticmethod
-    def build(tokens: list[list[int]], slots: list[int], starts: list[int], device: torch.device,
-              decode: bool = False, position_offset: int = 0) -> "Batch":
+    def build(tokens: list[list[int]], block_tables: list[list[int]], starts: list[int], device: torch.device, *,
+              block_size: int, num_decode: int = 0, decode: bool = False, position_offset: int = 0) -> "Batch":
+        """Lay out one forward pass.
+
+        tokens[b]: the new tokens of sequence b; block_tables[b]: its block ids, enough for starts[b] + len(tokens[b])
+        positions; starts[b]: positions already in its cache. The first `num_decode` sequences (all of them when
+        decode=True) are decode sequences and must add the same number of tokens."""
+        n = len(tokens)
+        if not len(block_tables) == len(starts) == n:
+            raise ValueError(f"Batch.build: {n} token lists, {len(block_tables)} block tables, {len(starts)} starts")
+        if decode:
+            num_decode = n
+        if not 0 <= num_decode <= n:
+            raise ValueError(f"Batch.build: num_decode={num_decode} with {n} sequences")
         q_lens = [len(t) for t in tokens]
-        if decode and len(set(q_lens)) > 1:
+        if len(set(q_lens[:num_decode])) > 1:
             raise ValueError("a decode batch adds the same number of tokens to every sequence")
-        lens = [s + n for s, n in zip(starts, q_lens)]
-        flat = [tok for seq in tokens for tok in seq]
-        token_slot = [slot for slot, n in zip(slots, q_lens) for _ in range(n)]
-        token_index = [s + i for s, n in zip(starts, q_lens) for i in range(n)]
-        key_slot, key_index = [], []
-        if not decode:
-            key_slot = [slot for slot, n in zip(slots, lens) for _ in range(n)]
-            key_index = [i for n in lens for i in range(n)]
+        lens = [s + q for s, q in zip(starts, q_lens)]
+        for b, (table, length) in enumerate(zip(block_tables, lens)):
+            if len(table) * block_size < length:
+                raise ValueError(f"Batch.build: sequence {b} needs {length} positions but its table holds "
+                                 f"{len(table)} blocks of {block_size}")
+
+        def slot(table: list[int], t: int) -> int:
+            return table[t // block_size] * block_size + t % block_size
+
+        slots = [slot(table, s + i) for table, s, q in zip(block_tables, starts, q_lens) for i in range(q)]
+        positions = [s + i + position_offset for s, q in zip(starts, q_lens) for i in range(q)]
+        prefill = range(num_decode, n)
+        key_slots = [slot(block_tables[b], t) for b in prefill for t in range(lens[b])]
+        width = max((len(t) for t in block_tables), default=0)
+        table = [list(t) + [-1] * (width - len(t)) for t in block_tables]
 
         def tensor(values, dtype=torch.int64):
             return torch.tensor(values, dtype=dtype, device=device)
@@ -73,10 +145,11 @@ class Batch:
                 out.append(out[-1] + v)
             return tensor(out, torch.int32)
 
-        index = tensor(token_index)
         return Batch(
-            tokens=tensor(flat), slots=tensor(slots), starts=tensor(starts), lens=tensor(lens),
-            cu_q=cumulative(q_lens), cu_k=cumulative(lens), token_slot=tensor(token_slot), token_index=index,
-            positions=index + position_offset, key_slot=tensor(key_slot), key_index=tensor(key_index),
-            decode=decode, new_per_seq=q_lens[0] if q_lens else 0,
+            tokens=tensor([tok for seq in tokens for tok in seq]),
+            block_table=tensor(table, torch.int32).view(n, width),
+            starts=tensor(starts), lens=tensor(lens), slot_mapping=tensor(slots), positions=tensor(positions),
+            prefill_cu_q=cumulative([q_lens[b] for b in prefill]), prefill_cu_k=cumulative([lens[b] for b in prefill]),
+            key_slots=tensor(key_slots), num_decode=num_decode, new_per_seq=q_lens[0] if num_decode else 0,
+            block_size=block_size,
         )

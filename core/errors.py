@@ -13,5 +13,9 @@ class BackendUnavailable(UserError):
     """The selected backend cannot run here; the message says why and what is available."""
 
 
+class BackendBroken(UserError):
+    """A backend plugin raised while being imported or probed; the message carries its error in one line."""
+
+
 class ContractError(Exception):
     """A backend breaks the operator contract (its code and manifest disagree, a bad signature). A bug, not bad input."""

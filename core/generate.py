@@ -10,6 +10,11 @@ for t_{m+1}. The main model verifies [t_m, draft] in one S = 2 decode step:
 Greedy acceptance (temperature 0) emits exactly the tokens plain greedy decoding emits. With temperature > 0 the
 draft is accepted with probability min(1, p/q) and a rejected one is resampled from normalize(max(p - q, 0)), which
 keeps the main model's distribution.
+
+The cache is paged (contract v2): each sequence holds blocks from one `BlockPool` as it grows, and gives them back
+the moment it is done. The pool starts with the prompts' blocks and grows (with the cache tensors, by a quarter at a
+time, never past v1's worst case) when a sequence needs more, so nothing is reserved for `max_new_tokens` up
+front. The MTP module's one-layer cache shares the main cache's block tables: its entries 1..m sit at positions 0..m-1, exactly as many as the main cache holds.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from core.batch import Batch, LatentCache
+from core.batch import Batch, PagedCache
+from core.engine.blocks import BlockPool, blocks_for
 from core.errors import UserError
 from core.model import Model
 
@@ -36,6 +42,7 @@ class GenerationResult:
     mtp_proposed: int = 0
     mtp_accepted: int = 0
     verify_steps: int = 0
+    cache_bytes: int = 0  # peak bytes of the paged cache tensors (main + MTP)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -60,10 +67,15 @@ class Sampler:
         return self.temperature <= 0
 
     def probs(self, logits: Tensor) -> Tensor:
-        return torch.softmax(logits.float().cpu() / self.temperature, dim=-1)
+        """softmax(logits / T), shifted by the row maximum first, so any accepted temperature gives a valid
+        distribution: a tiny T puts all the mass on the maximum (greedy), never inf - inf = NaN."""
+        x = logits.double().cpu()  # float64: even a subnormal T is a non-zero divisor
+        x = x - x.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).min)
+        return torch.softmax(x / self.temperature, dim=-1).float()
 
     def sample_probs(self, p: Tensor) -> list[int]:
-        race = torch.empty_like(p).exponential_(generator=self.gen)
+        # An Exp(1) draw can be exactly 0; clamped, a zero-probability token can never win (0/0 would be NaN).
+        race = torch.empty_like(p).exponential_(generator=self.gen).clamp_min_(torch.finfo(p.dtype).tiny)
         return (p / race).argmax(dim=-1).tolist()
 
     def pick(self, logits: Tensor) -> list[int]:
@@ -93,11 +105,58 @@ class _Seq:
     done: bool = False
 
 
+class Paging:
+    """The block tables of a run's sequences over one growable `BlockPool`; every cache in `caches` (main, MTP)
+    has the pool's size and is addressed by the same tables."""
+
+    def __init__(self, pool: BlockPool, caches: list[PagedCache], max_blocks: int | None = None):
+        """max_blocks: the most the pool ever needs (growth stops there); None: no bound."""
+        self.pool, self.caches, self.max_blocks = pool, list(caches), max_blocks
+        self.tables: dict[int, list[int]] = {}
+
+    def add_cache(self, cache: PagedCache) -> None:
+        cache.grow(self.pool.num_blocks)
+        self.caches.append(cache)
+
+    def reserve(self, seq: int, positions: int) -> list[int]:
+        """Sequence `seq`'s block table, extended to hold `positions` positions (the pool grows when short)."""
+        table = self.tables.setdefault(seq, [])
+        need = self.pool.blocks_needed(positions) - len(table)
+        if need > 0:
+            if not self.pool.can_allocate(need):
+                short = need - self.pool.num_free
+                extra = max(short, -(-self.pool.num_blocks // 4))  # +25%: amortised copies, bounded waste
+                if self.max_blocks is not None:
+                    extra = max(short, min(extra, self.max_blocks - self.pool.num_blocks))
+                self.pool.grow(extra)
+                for cache in self.caches:
+                    cache.grow(self.pool.num_blocks)
+            table += self.pool.allocate(need)
+        return table
+
+    def release(self, seq: int) -> None:
+        self.pool.free(self.tables.pop(seq, []))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)
+
+
 class Generator:
-    def __init__(self, model: Model, prefill_chunk: int | None = None):
+    def __init__(self, model: Model, prefill_chunk: int | None = None, block_size: int | None = None):
+        """block_size: positions per cache block (None: the backend's preferred size; a size its manifest does
+        not declare is refused in one line)."""
         self.model = model
         self.chunk = prefill_chunk
         self.cfg = model.cfg
+        self.block_size = model.block_size(block_size)
+
+    def new_paging(self, prompts: list[list[int]], max_new_tokens: int = 0) -> Paging:
+        """A pool and main cache sized for the prompts (+2 positions each); both grow on demand, by a quarter at a
+        time, never past what every sequence running to max_new_tokens needs (v1's reservation, block-rounded)."""
+        blocks = max(sum(blocks_for(len(p) + 2, self.block_size) for p in prompts), 1)
+        bound = max(sum(blocks_for(len(p) + max_new_tokens + 2, self.block_size) for p in prompts), blocks)
+        return Paging(BlockPool(blocks, self.block_size), [self.model.new_cache(blocks, self.block_size)], bound)
 
     def check(self, prompts: list[list[int]], max_new_tokens: int) -> None:
         vocab, limit = self.cfg.vocab_size, self.cfg.max_position_embeddings
@@ -128,25 +187,32 @@ class Generator:
             for b, n in zip(active, sizes):
                 done[b] += n
 
-    def prefill(self, prompts: list[list[int]], cache: LatentCache) -> list[Tensor]:
+    def _batch(self, paging: Paging, seqs: list[int], toks: list[list[int]], starts: list[int], decode: bool = False,
+               position_offset: int = 0) -> Batch:
+        tables = [paging.reserve(b, s + len(t)) for b, s, t in zip(seqs, starts, toks)]
+        return Batch.build(toks, tables, starts, self.model.device, block_size=self.block_size, decode=decode,
+                           position_offset=position_offset)
+
+    def prefill(self, prompts: list[list[int]], paging: Paging) -> list[Tensor]:
         """Run the prompts through the main model (in chunks of `prefill_chunk` tokens if set); returns each
-        sequence's final hidden states [n, D]. Sequence b uses cache row b."""
+        sequence's final hidden states [n, D]. Sequence b's blocks are paging.tables[b]."""
         hidden: list[list[Tensor]] = [[] for _ in prompts]
         for active, starts, sizes in self._chunks([len(p) for p in prompts]):
             toks = [prompts[b][s:s + n] for b, s, n in zip(active, starts, sizes)]
-            batch = Batch.build(toks, active, starts, self.model.device)
-            h = self.model.forward(batch, cache)
+            batch = self._batch(paging, active, toks, starts)
+            h = self.model.forward(batch, paging.caches[0])
             for b, part in zip(active, h.split(sizes)):
                 hidden[b].append(part)
         return [torch.cat(parts) for parts in hidden]
 
-    def mtp_prefill(self, tokens: list[list[int]], prev_hidden: list[Tensor], cache: LatentCache) -> list[Tensor]:
+    def mtp_prefill(self, tokens: list[list[int]], prev_hidden: list[Tensor], paging: Paging,
+                    cache: PagedCache) -> list[Tensor]:
         """Fill the MTP cache with entries j = 1..n (tokens t_1..t_n, hidden h_0..h_{n-1}); returns MTP hidden."""
         out: list[list[Tensor]] = [[] for _ in tokens]
         for active, starts, sizes in self._chunks([len(t) for t in tokens]):
             toks = [tokens[b][s:s + n] for b, s, n in zip(active, starts, sizes)]
             prev = torch.cat([prev_hidden[b][s:s + n] for b, s, n in zip(active, starts, sizes)])
-            batch = Batch.build(toks, active, starts, self.model.device, position_offset=1)
+            batch = self._batch(paging, active, toks, starts, position_offset=1)
             g = self.model.mtp_forward(batch, prev, cache)
             for b, part in zip(active, g.split(sizes)):
                 out[b].append(part)
@@ -156,8 +222,7 @@ class Generator:
     def teacher_forced_logits(self, prompt: list[int]) -> Tensor:
         """[S, vocab] float32 logits of every prompt position."""
         self.check([prompt], 0)
-        cache = self.model.new_cache(1, len(prompt))
-        return self.model.logits(self.prefill([prompt], cache)[0]).float()
+        return self.model.logits(self.prefill([prompt], self.new_paging([prompt]))[0]).float()
 
     # -- generation ------------------------------------------------------------------------------------------------
 
@@ -172,12 +237,11 @@ class Generator:
         self.stop_ids = set(self.cfg.eos_token_ids) if stop_at_eos else set()
         self.max_new = max_new_tokens
         seqs = [_Seq(list(p), length=len(p)) for p in prompts]
-        max_len = max(len(p) for p in prompts) + max_new_tokens + 2
         model = self.model
-        cache = model.new_cache(len(seqs), max_len)
+        paging = self.paging = self.new_paging(prompts, max_new_tokens)  # kept for inspection: all free at the end
 
         start = time.perf_counter()
-        hidden = self.prefill(prompts, cache)
+        hidden = self.prefill(prompts, paging)
         first = self.sampler.pick(model.logits(torch.stack([h[-1] for h in hidden]))) if max_new_tokens else []
         for s, tok in zip(seqs, first):
             s.pending = tok
@@ -187,22 +251,28 @@ class Generator:
                 s.done = True
         mtp_cache = None
         if mtp and max_new_tokens:
-            mtp_cache = model.new_cache(len(seqs), max_len, mtp=True)
-            g = self.mtp_prefill([s.prompt[1:] + [s.pending] for s in seqs], hidden, mtp_cache)
+            mtp_cache = model.new_cache(paging.pool.num_blocks, self.block_size, mtp=True)
+            paging.add_cache(mtp_cache)
+            g = self.mtp_prefill([s.prompt[1:] + [s.pending] for s in seqs], hidden, paging, mtp_cache)
             self._set_drafts(seqs, list(range(len(seqs))), model.logits(torch.stack([x[-1] for x in g])))
         prefill_seconds = time.perf_counter() - start
 
         result = GenerationResult([], sum(len(p) for p in prompts), prefill_seconds, 0, 0.0)
         start = time.perf_counter()
         while True:
+            for b, s in enumerate(seqs):
+                if s.done and b in paging.tables:
+                    paging.release(b)  # blocks go back the moment a sequence ends
             active = [b for b, s in enumerate(seqs) if not s.done]
             if not active:
                 break
             if mtp_cache is None:
-                self._decode_step(seqs, active, cache)
+                self._decode_step(seqs, active, paging)
             else:
-                self._speculative_step(seqs, active, cache, mtp_cache, result)
+                self._speculative_step(seqs, active, paging, mtp_cache, result)
+            result.cache_bytes = max(result.cache_bytes, paging.nbytes)
         result.decode_seconds = time.perf_counter() - start
+        result.cache_bytes = max(result.cache_bytes, paging.nbytes)
         result.output_ids = [s.out for s in seqs]
         result.decode_tokens = sum(max(len(s.out) - 1, 0) for s in seqs)
         return result
@@ -214,10 +284,10 @@ class Generator:
         if len(s.out) >= self.max_new or tok in self.stop_ids:
             s.done = True
 
-    def _decode_step(self, seqs: list[_Seq], active: list[int], cache: LatentCache) -> None:
-        batch = Batch.build([[seqs[b].pending] for b in active], active, [seqs[b].length for b in active],
-                            self.model.device, decode=True)
-        nxt = self.sampler.pick(self.model.logits(self.model.forward(batch, cache)))
+    def _decode_step(self, seqs: list[_Seq], active: list[int], paging: Paging) -> None:
+        batch = self._batch(paging, active, [[seqs[b].pending] for b in active], [seqs[b].length for b in active],
+                            decode=True)
+        nxt = self.sampler.pick(self.model.logits(self.model.forward(batch, paging.caches[0])))
         for b, tok in zip(active, nxt):
             s = seqs[b]
             s.length += 1
@@ -233,13 +303,12 @@ class Generator:
         for b, tok, qb in zip(rows, self.sampler.sample_probs(q), q):
             seqs[b].draft, seqs[b].draft_probs = tok, qb
 
-    def _speculative_step(self, seqs: list[_Seq], active: list[int], cache: LatentCache, mtp_cache: LatentCache,
+    def _speculative_step(self, seqs: list[_Seq], active: list[int], paging: Paging, mtp_cache: PagedCache,
                           result: GenerationResult) -> None:
         model = self.model
         starts = [seqs[b].length for b in active]
-        batch = Batch.build([[seqs[b].pending, seqs[b].draft] for b in active], active, starts, model.device,
-                            decode=True)
-        h = model.forward(batch, cache).view(len(active), 2, -1)
+        batch = self._batch(paging, active, [[seqs[b].pending, seqs[b].draft] for b in active], starts, decode=True)
+        h = model.forward(batch, paging.caches[0]).view(len(active), 2, -1)
         logits = model.logits(h.reshape(-1, h.shape[-1])).view(len(active), 2, -1)
         if self.sampler.greedy:
             verdicts = logits.argmax(dim=-1).tolist()  # [[a, bonus], ...]
@@ -272,6 +341,6 @@ class Generator:
             toks = [g[2] for g in group]
             prev = torch.cat([h[i, rows] for _, i, _ in group])
             mtp_starts = [seqs[b].length - len(t) for (b, _, t) in group]
-            mb = Batch.build(toks, [b for b, _, _ in group], mtp_starts, model.device, decode=True, position_offset=1)
+            mb = self._batch(paging, [b for b, _, _ in group], toks, mtp_starts, decode=True, position_offset=1)
             g = model.mtp_forward(mb, prev, mtp_cache).view(len(group), len(toks[0]), -1)[:, -1]
             self._set_drafts(seqs, [b for b, _, _ in group], model.logits(g))

@@ -1,10 +1,15 @@
-"""The operator contract (v1): the only compute the model graph asks of a backend.
+"""The operator contract (v2): the only compute the model graph asks of a backend.
 
 Every operator is declared here once, as a signature with a docstring that fixes shapes, dtypes and invariants.
 `backends/cpu_ref` implements each one in plain PyTorch; that implementation is the executable specification, and
 every other backend is judged against it. The model graph calls these operators plus plain, device-neutral tensor
 code (indexing, cat, view, embedding lookup, cache writes, sampling, the batched matmuls that absorb `kv_b` into the
 query and output of MLA decode).
+
+v2 (from v1): `mla_decode` reads a PAGED latent cache `[num_blocks, block_size, R+P]` through a per-sequence block
+table instead of one `[N, L, R+P]` row per sequence; v1 is the special case block_size = L, block_table =
+slots[:, None]. Each backend declares the block sizes it takes in its manifest (`cache: {block_sizes: ...}`).
+`moe_experts` accepts ids of -1, experts held by another process (expert parallelism), which contribute nothing.
 
 Conventions used below:
   T  tokens in the batch          H  attention heads          R  kv_lora_rank (512 in DeepSeek-V3)
@@ -146,33 +151,52 @@ def attention_prefill(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tenso
     """
 
 
-def mla_decode(q_lat: Tensor, q_pe: Tensor, cache: Tensor, slots: Tensor, lens: Tensor, scale: float) -> Tensor:
-    """Absorbed multi-head latent attention over the latent cache.
+def mla_decode(q_lat: Tensor, q_pe: Tensor, cache: Tensor, block_table: Tensor, lens: Tensor,
+               scale: float) -> Tensor:
+    """Absorbed multi-head latent attention over the paged latent cache.
 
     q_lat: [B, S, H, R] queries already multiplied by W_UK;   q_pe: [B, S, H, P] roped query part.
-    cache: [N, L, R+P] per-layer latent cache (normalised latent first, roped key second), working dtype.
-    slots: [B] int64, the cache row of each sequence;   lens: [B] int64, tokens in the cache per sequence,
-    including the S new ones, which occupy positions lens-S .. lens-1 (S = 2 is MTP verification).
+    cache: [num_blocks, block_size, R+P] one layer's paged latent cache (normalised latent first, roped key
+           second), working dtype. Blocks belong to no sequence in particular; the table says which are whose.
+    block_table: [B, max_blocks] int32; cache position t of sequence b lives in block block_table[b, t // block_size],
+           row t % block_size. Only the first ceil(lens[b] / block_size) entries of row b are read; the rest may
+           hold anything (-1, garbage) and must not be dereferenced.
+    lens: [B] int64, tokens in the cache per sequence, including the S new ones, which occupy positions
+           lens-S .. lens-1 (S = 2 is MTP verification); lens[b] >= S.
     New token s attends causally to cache positions 0 .. lens-S+s:
-      score[t] = (q_lat . cache[t, :R] + q_pe . cache[t, R:]) * scale, softmax in float32,
-      o_lat = sum_t p[t] * cache[t, :R].
-    Returns o_lat [B, S, H, R] in q_lat.dtype. Never reads past lens.
+      score[t] = (q_lat . kv[t, :R] + q_pe . kv[t, R:]) * scale, softmax in float32,
+      o_lat = sum_t p[t] * kv[t, :R]          (kv[t] = the cache row of position t, through the table).
+    Returns o_lat [B, S, H, R] in q_lat.dtype. Never reads a cache row at or past lens[b] of its sequence, nor a
+    block the table does not name for positions < lens[b] (unused blocks may hold NaN). v1's `[N, L, R+P]` cache
+    with `slots [B]` is the special case block_size = L, block_table = slots[:, None].
     """
 
 
+GATE_SCORING = ("sigmoid", "softmax")
+"""moe_gate scoring functions: sigmoid (DeepSeek-V3 family, noaux_tc), softmax over all E experts (DeepSeek-V2)."""
+GATE_GROUP_SCORE = ("top2_sum", "max")
+"""moe_gate group-scoring rules: sum of the group's top-2 selection scores (V3 noaux_tc), or its best one (V2
+group_limited_greedy)."""
+
+
 def moe_gate(
-    logits: Tensor, bias: Tensor | None, top_k: int, n_group: int, topk_group: int, scale: float, renorm: bool
+    logits: Tensor, bias: Tensor | None, top_k: int, n_group: int, topk_group: int, scale: float, renorm: bool,
+    scoring: str = "sigmoid", group_score: str = "top2_sum",
 ) -> tuple[Tensor, Tensor]:
-    """DeepSeek-V3 noaux_tc routing.
+    """DeepSeekMoE routing: DeepSeek-V3's noaux_tc (the defaults) and DeepSeek-V2's greedy / group_limited_greedy.
 
     logits: [T, E] float32 router logits;  bias: [E] float32 e_score_correction_bias, or None for none.
-    s = sigmoid(logits). Selection uses s + bias only: each of the `n_group` contiguous groups of E/n_group experts
-    scores the sum of its top-2 biased scores, the best `topk_group` groups are kept, and the top_k experts by
-    biased score among them are chosen (experts of dropped groups are -inf, never 0). Weights use the unbiased s
-    of the chosen experts, divided by their sum (+1e-20) when `renorm`, then multiplied by `scale`
-    (routed_scaling_factor) exactly once.
+    scoring: "sigmoid": s = sigmoid(logits);  "softmax": s = softmax(logits) over all E experts (float32).
+    Selection uses c = s + bias only (c = s without a bias): when n_group > 1 and topk_group < n_group, each of
+    the `n_group` contiguous groups of E/n_group experts gets a score from its members' c (group_score "top2_sum":
+    the sum of its top-2, V3; "max": its best one, V2), the best `topk_group` groups are kept, and the top_k experts
+    by c among them are chosen (experts of dropped groups are -inf, never 0). Otherwise the top_k of all E by c
+    (V2's greedy is n_group = topk_group = 1). Weights use the unbiased s of the chosen experts, divided by their
+    sum (+1e-20) when `renorm`, then multiplied by `scale` (routed_scaling_factor) exactly once.
     Returns (weights [T, top_k] float32, ids [T, top_k] int64). Order inside a row is unspecified: conformance
-    compares expert sets, and ties in the biased score may be broken either way.
+    compares expert sets, and ties in c may be broken either way.
+    `scoring` and `group_score` extend contract v2's seven-argument form (their defaults are V3's noaux_tc, so a
+    call without them means what it meant before); every backend must accept them.
     """
 
 
@@ -180,7 +204,9 @@ def moe_experts(x: Tensor, experts: object, weights: Tensor, ids: Tensor) -> Ten
     """The routed-expert sum: `y[t] = sum_j weights[t, j] * Expert_{ids[t, j]}(x[t])`.
 
     x: [T, D] working dtype; experts: what `prepare_experts` returned; weights: [T, k] float32; ids: [T, k] int64,
-    values in [0, E). Expert(x) = down(silu(gate(x)) * up(x)). The combine over j is float32; one rounding to
+    values in [0, E) or -1. E is the number of experts THIS process holds; an id of -1 is an expert held by another
+    process (expert parallelism) and contributes nothing (its weight is ignored; a row of only -1 gives 0), so the
+    sum over ranks of each rank's result is the full routed sum. Expert(x) = down(silu(gate(x)) * up(x)). The combine over j is float32; one rounding to
     x.dtype at the end. Returns [T, D] in x.dtype. Shared experts are not part of this operator.
     """
 

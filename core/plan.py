@@ -15,7 +15,6 @@ one float32 scale per 128x128 block for every projection (`--weights fp8`, what 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,8 +106,10 @@ def _layer_parts(c: ModelConfig, moe: bool, prefix: str) -> list[Part]:
         parts.append(_linear(f"{prefix}dense mlp", c.intermediate_size, d, "sharded", count=3))
         return parts
     e, im = c.n_routed_experts, c.moe_intermediate_size
-    parts += [Part(f"{prefix}router", e * d, False, "replicated"), Part(f"{prefix}router bias", e, False, "replicated"),
-              Part(f"{prefix}routed experts", 3 * im * d * e, True, "experts", 3 * _scales(im, d) * e, experts=e)]
+    parts.append(Part(f"{prefix}router", e * d, False, "replicated"))
+    if c.topk_method == "noaux_tc":  # the V3 family's e_score_correction_bias (V2's softmax gate has none)
+        parts.append(Part(f"{prefix}router bias", e, False, "replicated"))
+    parts.append(Part(f"{prefix}routed experts", 3 * im * d * e, True, "experts", 3 * _scales(im, d) * e, experts=e))
     if c.n_shared_experts:
         parts.append(_linear(f"{prefix}shared experts", c.n_shared_experts * im, d, "sharded", count=3))
     return parts
@@ -153,11 +154,13 @@ def format_plan(p: Plan, worlds: list[int], weights: str, cache_dtype: str, devi
     c = p.config
     cache_bytes = CACHE_DTYPE_BYTES[cache_dtype]
     per_token = p.cache_bytes_per_token(cache_bytes)
-    lines = [f"model: {c.source}",
-             f"parameters: {_count(p.params_without_mtp())} main model, {_count(p.total_params)} with the "
-             f"MTP layer ({c.num_hidden_layers} layers, {c.n_routed_experts} routed experts, vocab {c.vocab_size})",
-             f"latent cache: {per_token} bytes per token ({c.num_hidden_layers} + MTP layers x {c.latent_width} "
-             f"x {cache_bytes} B, {cache_dtype}), replicated on every rank",
+    mtp = c.num_nextn_predict_layers > 0
+    lines = [f"model: {c.source} ({c.model_type}, {c.scoring_func} {c.topk_method} routing)",
+             f"parameters: {_count(p.params_without_mtp())} main model"
+             + (f", {_count(p.total_params)} with the MTP layer" if mtp else " (no MTP layer)")
+             + f" ({c.num_hidden_layers} layers, {c.n_routed_experts} routed experts, vocab {c.vocab_size})",
+             f"latent cache: {per_token} bytes per token ({c.num_hidden_layers}{' + MTP' if mtp else ''} layers x "
+             f"{c.latent_width} x {cache_bytes} B, {cache_dtype}), replicated on every rank",
              f"weights held as {weights}" + (" (FP8 codes + float32 128x128 block scales)" if weights == "fp8" else ""),
              ""]
     head = f"{'ranks':>5}  {'weights/rank':>13}  {'experts/rank':>12}"
@@ -178,8 +181,9 @@ def format_plan(p: Plan, worlds: list[int], weights: str, cache_dtype: str, devi
 
 
 def main(argv: list[str] | None = None) -> int:
+    from core.checkpoint import read_config
     from core.default_model import load_default
-    from core.run import OneLineParser
+    from core.engine.options import OneLineParser
 
     ap = OneLineParser(prog="python -m core.plan", description="Memory per rank from config.json alone.")
     ap.add_argument("--model", type=Path, help="checkpoint directory (only config.json is read); default: embedded")
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--world-size: every rank count must be >= 1, got {args.world_size!r}")
     if args.device_memory is not None and not args.device_memory > 0:
         raise UserError(f"--device-memory must be a positive number of GiB, got {args.device_memory}")
-    cfg = load_default().config if args.model is None else ModelConfig.from_file(args.model / "config.json")
+    cfg = load_default().config if args.model is None else read_config(args.model)
     weights = args.weights or ("fp8" if cfg.fp8 else "bf16")
     print(format_plan(plan(cfg), worlds, weights, args.cache_dtype, args.device_memory))
     return 0

@@ -15,12 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 from core.backend import Availability, Backend, Manifest, RunMode
-from core.errors import BackendUnavailable, ContractError, UserError
+from core.errors import BackendBroken, BackendUnavailable, ContractError, UserError
+from core.safe_files import one_line, quote_name
 
 ENTRY_POINT_GROUP = "deepseek_v3_portable.backends"
 PATH_ENV = "DSV3_BACKENDS_PATH"
 REFERENCE = "cpu_ref"
+CPU_DEFAULT = "cpu"  # the fast CPU backend: the default where no accelerator is present (cpu_ref stays the judge)
 
 
 @dataclass(frozen=True)
@@ -95,18 +99,23 @@ def load(name: str) -> Backend:
         return _loaded[name]
     found = discover()
     if name not in found:
-        raise UserError(f"unknown backend '{name}'; available: {', '.join(sorted(found)) or 'none'}")
+        raise UserError(f"unknown backend {quote_name(name)}; available: "
+                        f"{', '.join(quote_name(n) for n in sorted(found)) or 'none'}")
     f = found[name]
-    if f.directory is not None:
-        module = _import_directory(f)
-        obj = getattr(module, "BACKEND", None)
-        manifest_path = f.directory / "manifest.yaml"
-    else:
-        obj = f.entry_point.load()
-        module = obj if isinstance(obj, ModuleType) else importlib.import_module(f.entry_point.module)
-        if isinstance(obj, ModuleType):
-            obj = getattr(obj, "BACKEND", None)
-        manifest_path = Path(module.__file__).resolve().parent / "manifest.yaml"
+    try:
+        if f.directory is not None:
+            module = _import_directory(f)
+            obj = getattr(module, "BACKEND", None)
+            manifest_path = f.directory / "manifest.yaml"
+        else:
+            obj = f.entry_point.load()
+            module = obj if isinstance(obj, ModuleType) else importlib.import_module(f.entry_point.module)
+            if isinstance(obj, ModuleType):
+                obj = getattr(obj, "BACKEND", None)
+            manifest_path = Path(module.__file__).resolve().parent / "manifest.yaml"
+    except (Exception, SystemExit) as e:  # a plugin's import may raise anything: it is broken, not us
+        raise BackendBroken(f"backend {quote_name(name)} ({one_line(f.origin)}) is broken: it raised "
+                            f"{type(e).__name__} while importing: {one_line(e)}") from None
     if not isinstance(obj, Backend):
         raise ContractError(f"backend '{name}' ({f.origin}) does not define BACKEND = core.backend.Backend(...)")
     if obj.name != name:
@@ -118,21 +127,46 @@ def load(name: str) -> Backend:
     return obj
 
 
+def probe(backend: Backend, mode: RunMode = RunMode()) -> Availability:
+    """Run a backend's availability probe; a probe that raises (or returns something else) is a BackendBroken."""
+    try:
+        avail = backend.probe(mode)
+    except (Exception, SystemExit) as e:
+        raise BackendBroken(f"backend {quote_name(backend.name)} ({one_line(backend.origin)}) is broken: its probe "
+                            f"raised {type(e).__name__}: {one_line(e)}") from None
+    if not isinstance(avail, Availability):
+        raise BackendBroken(f"backend {quote_name(backend.name)} ({one_line(backend.origin)}) is broken: its probe "
+                            f"returned {type(avail).__name__}, not core.backend.Availability")
+    return avail
+
+
 def activate(name: str, mode: RunMode = RunMode()) -> tuple[Backend, Availability]:
     """Load `name` and run its probe; raise BackendUnavailable saying why and what else is available."""
     backend = load(name)
-    avail = backend.probe(mode)
+    avail = probe(backend, mode)
     if not avail.ok:
         others = []
         for other in sorted(discover()):
             if other == name:
                 continue
             try:
-                if load(other).probe(RunMode()).ok:
+                if probe(load(other), RunMode()).ok:
                     others.append(other)
-            except (UserError, ContractError, ImportError):
+            except (UserError, ContractError):
                 continue
         raise BackendUnavailable(
-            f"backend '{name}' is unavailable: {avail.reason}; available here: {', '.join(others) or 'none'}"
+            f"backend {quote_name(name)} is unavailable: {one_line(avail.reason)}; available here: "
+            f"{', '.join(others) or 'none'}"
         )
     return backend, avail
+
+
+def default_backend() -> tuple[str, str]:
+    """The backend to use when none is named, and why: `cpu` on a machine without an accelerator (where it is
+    discovered), else the reference. Device-neutral: asks torch.accelerator, never a vendor."""
+    if torch.accelerator.is_available():
+        where = torch.accelerator.current_accelerator()
+        return REFERENCE, f"default: an accelerator ({where}) is present, name its backend"
+    if CPU_DEFAULT in discover():
+        return CPU_DEFAULT, "default: no accelerator here"
+    return REFERENCE, f"default: no accelerator here and no '{CPU_DEFAULT}' backend"

@@ -16,8 +16,24 @@ import torch
 from torch import Tensor
 
 from core.errors import CheckpointError
+from core.safe_files import quote_value
 
 SUPPORTED = ("default", "linear", "yarn")
+MAX_THETA = 1e12
+MAX_FACTOR = 1e4
+MAX_ORIGINAL_POSITIONS = 1 << 24
+MAX_BETA = 1e6
+MAX_MSCALE = 1e3
+
+
+def _real(source: str, key: str, value: Any, low: float, high: float, low_ok: bool) -> float:
+    """A finite number in (low, high] (or [low, high] with `low_ok`), else a CheckpointError naming field and value."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not (low <= value if low_ok else low < value) or value > high):
+        name = key if key.startswith("rope") else f"rope {key}"
+        raise CheckpointError(f"{source}: {name} must be a finite number in {'[' if low_ok else '('}{low:g}, "
+                              f"{high:g}], got {quote_value(value)}")
+    return float(value)
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -45,10 +61,10 @@ class RopeConfig:
             raise CheckpointError(f"{source}: rope_parameters must be an object")
         rope_type = params.get("rope_type", params.get("type", "default"))
         theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
-        if rope_type not in SUPPORTED:
-            raise CheckpointError(f"{source}: rope type {rope_type!r} is not supported ({', '.join(SUPPORTED)})")
-        if not isinstance(theta, (int, float)) or theta <= 1:
-            raise CheckpointError(f"{source}: rope_theta must be a number > 1, got {theta!r}")
+        if not isinstance(rope_type, str) or rope_type not in SUPPORTED:
+            raise CheckpointError(f"{source}: rope type {quote_value(rope_type)} is not supported "
+                                  f"({', '.join(SUPPORTED)})")
+        theta = _real(source, "rope_theta", theta, 1.0, MAX_THETA, False)
         if params.get("partial_rotary_factor", 1.0) != 1.0:
             raise CheckpointError(f"{source}: partial_rotary_factor is not supported for MLA")
         if rope_type == "default":
@@ -57,18 +73,25 @@ class RopeConfig:
         original = d.get("original_max_position_embeddings", params.get("original_max_position_embeddings",
                                                                         max_positions))
         factor = params.get("factor")
+        if (isinstance(original, bool) or not isinstance(original, int)
+                or not 1 <= original <= MAX_ORIGINAL_POSITIONS):
+            raise CheckpointError(f"{source}: original_max_position_embeddings must be an integer in "
+                                  f"[1, {MAX_ORIGINAL_POSITIONS}], got {quote_value(original)}")
         if factor is None and rope_type == "yarn":
             factor = max_positions / original
-        if not isinstance(factor, (int, float)) or factor <= 0:
-            raise CheckpointError(f"{source}: rope factor must be a positive number, got {factor!r}")
+        factor = _real(source, "factor", factor, 0.0, MAX_FACTOR, False)
         if rope_type == "linear":
             return RopeConfig("linear", float(theta), dim, float(factor))
-        if not isinstance(original, int) or original < 1:
-            raise CheckpointError(f"{source}: original_max_position_embeddings must be a positive integer")
-        for key in ("beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+        limits = {"beta_fast": (0.0, MAX_BETA, False), "beta_slow": (0.0, MAX_BETA, False),
+                  "mscale": (0.0, MAX_MSCALE, True), "mscale_all_dim": (0.0, MAX_MSCALE, True),
+                  "attention_factor": (0.0, MAX_MSCALE, False)}
+        for key, (low, high, low_ok) in limits.items():
             value = params.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise CheckpointError(f"{source}: rope {key} must be a number, got {value!r}")
+            if value is not None and not (key.startswith("beta") and value == 0):  # 0: the default, as before
+                _real(source, key, value, low, high, low_ok)
+        if not isinstance(params.get("truncate", True), bool):
+            raise CheckpointError(f"{source}: rope truncate must be true or false, got "
+                                  f"{quote_value(params.get('truncate'))}")
         mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
         attention_factor = params.get("attention_factor")
         if attention_factor is None:  # transformers' rule

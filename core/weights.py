@@ -9,7 +9,9 @@ straddle a block boundary is dequantised to the working dtype instead (stated, n
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -18,8 +20,11 @@ from core.checkpoint import FLOAT_DTYPES, FP8_DTYPES, TensorSource, check_tensor
 from core.config import ModelConfig
 from core.dispatch import Dispatch
 from core.errors import CheckpointError
+from core.safe_files import quote_name
 from core.fp8 import dequantize_blocks, scale_grid
 from core.ops import FP8_BLOCK
+from core.parallel.loading import Split, read_checked, read_weight_split
+from core.parallel.shard import ShardPlan, Span
 
 
 @dataclass
@@ -56,6 +61,7 @@ class MoE:
     bias: Tensor | None  # e_score_correction_bias, float32
     experts: object  # what prepare_experts returned
     shared: MLP | None
+    local_experts: Span | None = None  # the routed experts this rank holds (None: all of them)
 
 
 @dataclass
@@ -83,6 +89,7 @@ class Weights:
     lm_head: Linear
     mtp: MTP | None
     notes: list[str] = field(default_factory=list)
+    vocab_start: int = 0  # first vocabulary row of `embed` and `lm_head` on this rank (vocabulary parallel)
 
 
 def rope_half_permutation(p: int) -> list[int]:
@@ -90,46 +97,120 @@ def rope_half_permutation(p: int) -> list[int]:
     return list(range(0, p, 2)) + list(range(1, p, 2))
 
 
+def nonfinite_flag(t: Tensor) -> Tensor:
+    """A 0-d bool tensor on `t`'s device: whether `t` holds a NaN or an infinity (FP8 e4m3fn codes: a NaN code,
+    found bitwise without widening the tensor). Nothing is synchronised here."""
+    if t.dtype == torch.float8_e4m3fn:
+        return ((t.view(torch.uint8) & 0x7F) == 0x7F).any()
+    if t.dtype == torch.float8_e4m3fnuz:
+        return (t.view(torch.uint8) == 0x80).any()
+    if t.is_floating_point():
+        return ~torch.isfinite(t).all()
+    return torch.zeros((), dtype=torch.bool, device=t.device)
+
+
 class WeightLoader:
-    def __init__(self, source: TensorSource, ops: Dispatch, device: torch.device, dtype: torch.dtype):
+    """Reads, checks and prepares every weight through the backend's prepare hooks. `shard` (core.parallel): the
+    slices this rank keeps (None: everything); `strict` refuses a split that would cut FP8 scale blocks. With
+    `check_finite` (the default) every tensor is checked for NaN and infinity on the device, where it already is,
+    after its conversion to the working dtype (so an overflow of the cast is found too); the flags are gathered and
+    read once at the end of `load`, which names the first bad tensor in load order."""
+
+    def __init__(self, source: TensorSource, ops: Dispatch, device: torch.device, dtype: torch.dtype,
+                 shard: ShardPlan | None = None, strict: bool = False,
+                 progress: Callable[[str], None] | None = None, check_finite: bool = True):
         self.src, self.ops, self.device, self.dtype = source, ops, device, dtype
         self.cfg: ModelConfig = source.config
         self.notes: list[str] = []
+        self.shard = shard or ShardPlan.for_rank(self.cfg, 0, 1)
+        self.strict = strict
+        self.progress = progress  # called after each layer with "layer i/n: X MiB read in Y s"
+        self.bytes_read = 0
+        self._started = time.perf_counter()
+        self.check_finite = check_finite
+        self._flags: list[tuple[str, Tensor]] = []
+
+    def _watch(self, name: str, t: Tensor | None) -> None:
+        if self.check_finite and t is not None:
+            self._flags.append((name, nonfinite_flag(t)))
+
+    def check_weights(self) -> None:
+        """Raise a CheckpointError naming the first tensor that held a NaN or an infinity (one device sync)."""
+        if not self._flags:
+            return
+        bad = torch.stack([f for _, f in self._flags]).cpu().tolist()
+        names = [n for (n, _), b in zip(self._flags, bad) if b]
+        self._flags.clear()
+        if names:
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            where = self.src.where(names[0]) if self.src.has(names[0]) else self.src.description
+            raise CheckpointError(f"{where}: tensor {quote_name(names[0])} holds "
+                                  f"NaN or infinite values{more} (skip this check with --no-check-weights)")
 
     # -- single tensors ------------------------------------------------------------------------------------------
 
-    def tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> Tensor:
-        t = check_tensor(self.src, name, shape, FLOAT_DTYPES)
-        return t.to(device=self.device, dtype=dtype or self.dtype)
+    def tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None,
+               split: Split | None = None) -> Tensor:
+        if split is not None and not split.span.whole:
+            t = read_checked(self.src, name, shape, split, FLOAT_DTYPES)
+        else:
+            t = check_tensor(self.src, name, shape, FLOAT_DTYPES)
+        self.bytes_read += t.numel() * t.element_size()
+        t = t.to(device=self.device, dtype=dtype or self.dtype)
+        self._watch(name, t)
+        return t
 
-    def raw_weight(self, name: str, shape: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
-        """(weight, scale_inv) as stored: FP8 codes with their block scales, or a float weight."""
+    def raw_weight(self, name: str, shape: tuple[int, int],
+                   split: Split | None = None) -> tuple[Tensor, Tensor | None]:
+        """(weight, scale_inv) as stored: FP8 codes with their block scales, or a float weight; with `split`, this
+        rank's slice only (core.parallel.loading)."""
+        if split is not None and not split.span.whole:
+            w, scale = read_weight_split(self.src, name, shape, split, self.dtype, self.strict, self.notes)
+            self._count(w, scale)
+            return w, scale
         w = check_tensor(self.src, name, shape, FLOAT_DTYPES + FP8_DTYPES)
         if w.dtype not in FP8_DTYPES:
             if self.src.has(name + "_scale_inv"):
                 raise CheckpointError(
                     f"{self.src.where(name)}: tensor '{name}' is {str(w.dtype).replace('torch.', '')} but has a "
                     f"'{name}_scale_inv': FP8 codes cast without their block scales? (dequantise, then drop the scales)")
+            self._count(w, None)
             return w, None
         scale = check_tensor(self.src, name + "_scale_inv", scale_grid(*shape), (torch.float32,))
+        self._count(w, scale)
         return w, scale
 
+    def _count(self, w: Tensor, scale: Tensor | None) -> None:
+        self.bytes_read += w.numel() * w.element_size() + (0 if scale is None else scale.numel() * 4)
+
+    def _layer_done(self, i: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(f"layer {i + 1}/{total}: {self.bytes_read / 2 ** 20:.1f} MiB read in "
+                          f"{time.perf_counter() - self._started:.1f} s")
+
     def linear(self, prefix: str, shape: tuple[int, int], rope_rows: list[tuple[int, int]] = (),
-               float_weight_dtype: torch.dtype | None = None) -> Linear:
-        w, scale = self.raw_weight(prefix + ".weight", shape)
+               float_weight_dtype: torch.dtype | None = None, split: Split | None = None) -> Linear:
+        """`shape` is the checkpoint's (full) shape; `split` the slice this rank keeps; `rope_rows` are (start,
+        length) in the rows kept."""
+        w, scale = self.raw_weight(prefix + ".weight", shape, split)
         bias = None
         if self.cfg.attention_bias and prefix.rsplit(".", 1)[-1] in ("q_a_proj", "kv_a_proj_with_mqa", "o_proj"):
             bias = self.tensor(prefix + ".bias", (shape[0],))
+            if split is not None and split.dim == 1 and split.span.start != 0:
+                bias = torch.zeros_like(bias)  # a column split sums partial outputs: one rank adds the bias
         if rope_rows and self.cfg.rope_interleave:
             w, scale, bias = self._permute_rope_rows(prefix, w, scale, bias, rope_rows)
-        return self.prepared(w, scale, bias, float_weight_dtype)
+        return self.prepared(w, scale, bias, float_weight_dtype, name=prefix + ".weight")
 
     def prepared(self, w: Tensor, scale: Tensor | None, bias: Tensor | None = None,
-                 float_weight_dtype: torch.dtype | None = None) -> Linear:
+                 float_weight_dtype: torch.dtype | None = None, name: str = "") -> Linear:
         if scale is None:
             w = w.to(float_weight_dtype or self.dtype)
         w = w.to(self.device)
         scale = scale.to(self.device) if scale is not None else None
+        if name:
+            self._watch(name, w)
+            self._watch(name + "_scale_inv", scale)
         return Linear(self.ops.prepare_linear(w, scale), bias)
 
     def _permute_rope_rows(self, prefix, w, scale, bias, rope_rows):
@@ -148,42 +229,51 @@ class WeightLoader:
 
     def attention(self, p: str) -> Attention:
         c = self.cfg
-        d, h, r, pe = c.hidden_size, c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
+        d, heads, r, pe = c.hidden_size, c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
         qk, nope, v = c.qk_head_dim, c.qk_nope_head_dim, c.v_head_dim
+        mine = self.shard.heads  # tensor parallel: this rank's heads
+        h = mine.size
         q_rope_rows = [(i * qk + nope, pe) for i in range(h)]
         q_a = q_a_norm = q_b = q = None
         if c.q_lora_rank:
             q_a = self.linear(p + "q_a_proj", (c.q_lora_rank, d))
             q_a_norm = self.tensor(p + "q_a_layernorm.weight", (c.q_lora_rank,))
-            q_b = self.linear(p + "q_b_proj", (h * qk, c.q_lora_rank), q_rope_rows)
+            q_b = self.linear(p + "q_b_proj", (heads * qk, c.q_lora_rank), q_rope_rows,
+                              split=Split(0, mine.scaled(qk), heads))
         else:
-            q = self.linear(p + "q_proj", (h * qk, d), q_rope_rows)
+            q = self.linear(p + "q_proj", (heads * qk, d), q_rope_rows, split=Split(0, mine.scaled(qk), heads))
         kv_a = self.linear(p + "kv_a_proj_with_mqa", (r + pe, d), [(r, pe)])
-        kv_w, kv_scale = self.raw_weight(p + "kv_b_proj.weight", (h * (nope + v), r))
+        kv_w, kv_scale = self.raw_weight(p + "kv_b_proj.weight", (heads * (nope + v), r),
+                                         Split(0, mine.scaled(nope + v), heads))
         dense = dequantize_blocks(kv_w, kv_scale, self.dtype).to(self.device).view(h, nope + v, r)
         return Attention(
             q_a=q_a, q_a_norm=q_a_norm, q_b=q_b, q=q, kv_a=kv_a,
             kv_a_norm=self.tensor(p + "kv_a_layernorm.weight", (r,)),
-            kv_b=self.prepared(kv_w, kv_scale),
+            kv_b=self.prepared(kv_w, kv_scale, name=p + "kv_b_proj.weight"),
             w_uk=dense[:, :nope].contiguous(), w_uv=dense[:, nope:].contiguous(),
-            o=self.linear(p + "o_proj", (d, h * v)),
+            o=self.linear(p + "o_proj", (d, heads * v), split=Split(1, mine.scaled(v), heads)),
         )
 
-    def mlp(self, p: str, inter: int) -> MLP:
+    def mlp(self, p: str, inter: int, mine: Span | None = None) -> MLP:
+        """Gate/up rows and down columns `mine` of the `inter` intermediate channels (None: all)."""
         d = self.cfg.hidden_size
-        gate_w, gate_s = self.raw_weight(p + "gate_proj.weight", (inter, d))
-        up_w, up_s = self.raw_weight(p + "up_proj.weight", (inter, d))
-        down = self.linear(p + "down_proj", (d, inter))
-        if (gate_s is None) == (up_s is None) and (gate_s is None or inter % FP8_BLOCK == 0):
+        mine = mine or Span(0, inter, inter)
+        rows, cols = Split(0, mine, inter), Split(1, mine, inter)
+        gate_w, gate_s = self.raw_weight(p + "gate_proj.weight", (inter, d), rows)
+        up_w, up_s = self.raw_weight(p + "up_proj.weight", (inter, d), rows)
+        down = self.linear(p + "down_proj", (d, inter), split=cols)
+        if (gate_s is None) == (up_s is None) and (gate_s is None or mine.size % FP8_BLOCK == 0):
             fused_s = None if gate_s is None else torch.cat([gate_s, up_s])
-            return MLP(self.prepared(torch.cat([gate_w, up_w]), fused_s), None, None, down)
-        return MLP(None, self.prepared(gate_w, gate_s), self.prepared(up_w, up_s), down)
+            return MLP(self.prepared(torch.cat([gate_w, up_w]), fused_s, name=p + "{gate,up}_proj.weight"),
+                       None, None, down)
+        return MLP(None, self.prepared(gate_w, gate_s, name=p + "gate_proj.weight"),
+                   self.prepared(up_w, up_s, name=p + "up_proj.weight"), down)
 
     def experts(self, p: str) -> object:
         c = self.cfg
         d, inter = c.hidden_size, c.moe_intermediate_size
         parts: dict[str, list] = {k: [] for k in ("gate", "up", "down")}
-        for e in range(c.n_routed_experts):
+        for e in range(self.shard.experts.start, self.shard.experts.stop):  # expert parallel: whole experts
             for kind, shape in (("gate", (inter, d)), ("up", (inter, d)), ("down", (d, inter))):
                 parts[kind].append(self.raw_weight(f"{p}experts.{e}.{kind}_proj.weight", shape))
         stacked = []
@@ -195,7 +285,12 @@ class WeightLoader:
                                       f"mix FP8 and float tensors")
             w = torch.stack(ws)
             w = (w if scales[0] is not None else w.to(self.dtype)).to(self.device)
-            stacked += [w, torch.stack(scales).to(self.device) if scales[0] is not None else None]
+            s = torch.stack(scales).to(self.device) if scales[0] is not None else None
+            if self.check_finite:
+                for i, e in enumerate(range(self.shard.experts.start, self.shard.experts.stop)):  # per expert, on
+                    self._watch(f"{p}experts.{e}.{kind}_proj.weight", w[i])        # the device: names the tensor
+                    self._watch(f"{p}experts.{e}.{kind}_proj.weight_scale_inv", None if s is None else s[i])
+            stacked += [w, s]
         return self.ops.prepare_experts(*stacked)
 
     def moe(self, p: str) -> MoE:
@@ -206,8 +301,10 @@ class WeightLoader:
         bias = self.tensor(bias_name, (c.n_routed_experts,), router_dtype) if self.src.has(bias_name) else None
         shared = None
         if c.n_shared_experts:
-            shared = self.mlp(p + "shared_experts.", c.moe_intermediate_size * c.n_shared_experts)
-        return MoE(router, bias, self.experts(p), shared)
+            shared = self.mlp(p + "shared_experts.", c.moe_intermediate_size * c.n_shared_experts,
+                              self.shard.shared_inter)
+        local = None if self.shard.experts.whole else self.shard.experts
+        return MoE(router, bias, self.experts(p), shared, local)
 
     def layer(self, i: int, moe: bool) -> Layer:
         p = f"model.layers.{i}."
@@ -216,7 +313,8 @@ class WeightLoader:
             input_norm=self.tensor(p + "input_layernorm.weight", (d,)),
             attn=self.attention(p + "self_attn."),
             post_norm=self.tensor(p + "post_attention_layernorm.weight", (d,)),
-            ffn=self.moe(p + "mlp.") if moe else self.mlp(p + "mlp.", self.cfg.intermediate_size),
+            ffn=self.moe(p + "mlp.") if moe else self.mlp(p + "mlp.", self.cfg.intermediate_size,
+                                                            self.shard.dense_inter),
         )
 
     def mtp(self) -> MTP | None:
@@ -241,10 +339,15 @@ class WeightLoader:
 
     def load(self, with_mtp: bool = True) -> Weights:
         c = self.cfg
-        embed = self.tensor("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
+        vocab = Split(0, self.shard.vocab, c.vocab_size)  # vocabulary parallel
+        embed = self.tensor("model.embed_tokens.weight", (c.vocab_size, c.hidden_size), split=vocab)
         head_name = "model.embed_tokens" if c.tie_word_embeddings else "lm_head"
-        lm_head = self.linear(head_name, (c.vocab_size, c.hidden_size))
-        layers = [self.layer(i, c.is_moe_layer(i)) for i in range(c.num_hidden_layers)]
+        lm_head = self.linear(head_name, (c.vocab_size, c.hidden_size), split=vocab)
+        layers = []
+        for i in range(c.num_hidden_layers):
+            layers.append(self.layer(i, c.is_moe_layer(i)))
+            self._layer_done(i, c.num_hidden_layers)
         norm = self.tensor("model.norm.weight", (c.hidden_size,))
         mtp = self.mtp() if with_mtp else None
-        return Weights(embed, layers, norm, lm_head, mtp, self.notes)
+        self.check_weights()
+        return Weights(embed, layers, norm, lm_head, mtp, self.notes, self.shard.vocab.start)

@@ -144,11 +144,11 @@ class GateMargins:
         self.smallest = float("inf")
         inner = ops.moe_gate
 
-        def gate(logits, bias, top_k, n_group, topk_group, scale, renorm):
+        def gate(logits, bias, top_k, n_group, topk_group, scale, renorm, scoring="sigmoid", group_score="top2_sum"):
             if logits.shape[0]:
-                margins = routing_margins(logits, bias, top_k, n_group, topk_group)
+                margins = routing_margins(logits, bias, top_k, n_group, topk_group, scoring, group_score)
                 self.smallest = min(self.smallest, float(margins.min()))
-            return inner(logits, bias, top_k, n_group, topk_group, scale, renorm)
+            return inner(logits, bias, top_k, n_group, topk_group, scale, renorm, scoring, group_score)
 
         ops.moe_gate = gate
 
@@ -174,3 +174,14 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True,
                           env=full_env, timeout=timeout)
+
+
+def refused(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """Assert a CLI run failed the way bad input must: exit status 2, exactly one line on stderr, no traceback,
+    naming every needle. Returns that line."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]

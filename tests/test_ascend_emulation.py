@@ -33,6 +33,19 @@ def fia(q=None, k=None, v=None, **kw):
     return emu.npu_fused_infer_attention_score(q, k, v, **args)
 
 
+def paged_fia(block_size=16, cache_block=16, table=None, lens=(20, 5), heads=4, width=512, rope=64, s=1, **kw):
+    """Absorbed-MLA (width 512, rope 64) or plain (rope 0) decode over a paged BSND cache of 4 blocks."""
+    latent = t(4, cache_block, width, dtype=BF16)
+    table = torch.tensor([[1, 3], [0, -1]], dtype=I32) if table is None else table
+    args = dict(num_heads=heads, num_key_value_heads=1, input_layout="BSND", scale=0.1, block_table=table,
+                block_size=block_size, actual_seq_lengths_kv=list(lens),
+                sparse_mode=3 if s > 1 else 0, atten_mask=MASK if s > 1 else None)
+    if rope:
+        args.update(query_rope=t(2, s, heads, rope, dtype=BF16), key_rope=t(4, cache_block, rope, dtype=BF16))
+    args.update(kw)
+    return emu.npu_fused_infer_attention_score(t(2, s, heads, width, dtype=BF16), latent, latent, **args)
+
+
 def gate(x=None, **kw):
     x = t(3, 256) if x is None else x
     args = dict(k=8, k_group=4, group_count=8, group_select_mode=1, norm_type=1)
@@ -111,6 +124,20 @@ REJECTIONS = {
         t(1, 1, 4, 512, dtype=BF16), t(1, 4, 1, 512, dtype=BF16), t(1, 4, 1, 512, dtype=BF16),
         query_rope=t(1, 1, 4, 64, dtype=BF16), key_rope=t(1, 4, 1, 64, dtype=BF16), num_heads=4,
         num_key_value_heads=1, input_layout="BSND", scale=0.1, softmax_lse_flag=True),
+    "FIA paged: int64 block_table": lambda: paged_fia(table=torch.tensor([[1, 3], [0, -1]])),
+    "FIA paged: MLA block_size 8": lambda: paged_fia(block_size=8, cache_block=8, lens=(10, 5)),
+    "FIA paged: MLA block_size above 1024": lambda: paged_fia(block_size=1040, cache_block=1040),
+    "FIA paged: no actual_seq_lengths_kv": lambda: paged_fia(actual_seq_lengths_kv=None),
+    "FIA paged: cache block dim != block_size": lambda: paged_fia(block_size=32),
+    "FIA paged: table names a block outside the cache": lambda: paged_fia(table=torch.tensor([[1, 9], [0, -1]],
+                                                                                            dtype=I32)),
+    "FIA paged: -1 inside a sequence's used blocks": lambda: paged_fia(lens=(20, 17)),
+    "FIA paged: table too narrow for the length": lambda: paged_fia(lens=(40, 5)),
+    "FIA paged: plain decode block_size 24": lambda: paged_fia(block_size=24, cache_block=24, width=128, rope=0),
+    "FIA paged: plain decode block_size 1024": lambda: paged_fia(block_size=1024, cache_block=1024, width=128,
+                                                                 rope=0),
+    "FIA paged: plain S=2 (prefill kernel) block_size 16": lambda: paged_fia(width=128, rope=0, s=2),
+    "FIA: block_size without block_table": lambda: fia(block_size=16),
     # gate
     "gating: 16 experts (A2/A3 kernel)": lambda: gate(t(3, 16), k=4, k_group=2, group_count=4),
     "gating: more than 2048 experts": lambda: emu.npu_moe_gating_top_k(t(2, 4096), 8),
@@ -141,7 +168,6 @@ REJECTIONS = {
                                                                    split_item=2, group_type=0, group_list_type=1),
     "grouped_matmul: int32 group_list": lambda: gmm(group_list=torch.tensor([2, 2, 2], dtype=I32)),
     "grouped_matmul: weight not transposed (E, N, K)": lambda: gmm(w=t(3, 5, 8)),
-    "grouped_matmul: counts do not cover M (strict)": lambda: gmm(group_list=torch.tensor([2, 2, 1])),
     "grouped_matmul: cumsum read as counts overflows M": lambda: gmm(group_list=torch.tensor([2, 4, 6])),
     "grouped_matmul: bf16 x with fp32 weight": lambda: gmm(x=t(6, 8, dtype=BF16)),
     "grouped_matmul: int8 without output_dtype": lambda: gmm(x=torch.ones(6, 8, dtype=torch.int8),
@@ -162,6 +188,13 @@ REJECTIONS = {
     "quant_matmul: N above 65535": lambda: emu.npu_quant_matmul(
         torch.ones(1, 2, dtype=torch.int8), torch.ones(2, 65536, dtype=torch.int8), torch.ones(1)),
 }
+
+
+def test_grouped_matmul_rows_past_the_group_list_are_undefined():
+    """Counts that do not cover M are allowed (expert-parallel routing leaves rows of other ranks' experts past the
+    group list); those rows are undefined, which the strict emulation makes NaN so nothing may read them."""
+    out = gmm(group_list=torch.tensor([2, 2, 1]))[0]
+    assert torch.isnan(out[5:]).all() and torch.isfinite(out[:5]).all()
 
 
 @pytest.mark.parametrize("case", list(REJECTIONS))
@@ -208,6 +241,43 @@ def test_norm_outputs():
     normed, rstd, s = emu.npu_add_rms_norm(xb, rb, w.to(BF16))
     assert torch.equal(s, (xb.float() + rb.float()).to(BF16)) and rstd.shape == (3, 1) and normed.dtype == BF16
     assert torch.equal(emu.npu_rms_norm(torch.zeros(2, 4), torch.ones(4))[0], torch.zeros(2, 4)), "zero row -> 0"
+
+
+@pytest.mark.parametrize("rope", [64, 0])
+@pytest.mark.parametrize("s", [1, 2])
+def test_fia_paged_kv_reads_only_the_tables_blocks(rope, s):
+    """Paged FIA equals dense FIA on the gathered rows; unused blocks and table entries past the used ones
+    (poisoned with NaN, and -1) are never read."""
+    width, bs, heads = (512, 16, 4) if rope else (128, 128, 4)
+    lens = [bs + 3, 5]
+    cache = torch.full((5, bs, width + rope), float("nan"), dtype=BF16)
+    rows = [t(n, width + rope, dtype=BF16) for n in lens]
+    cache[3, :] = rows[0][:bs]
+    cache[1, :3] = rows[0][bs:]
+    cache[4, :5] = rows[1]
+    table = torch.tensor([[3, 1, 0], [4, 2, -1]], dtype=I32)  # blocks 0 and 2 (all NaN) must not be read
+    q, qr = t(2, s, heads, width, dtype=BF16), t(2, s, heads, max(rope, 1), dtype=BF16)
+    mask = dict(sparse_mode=3 if s > 1 else 0, atten_mask=MASK if s > 1 else None)
+    extra = dict(query_rope=qr) if rope else {}
+    latent = cache[..., :width] if rope else cache
+    paged_out, _ = emu.npu_fused_infer_attention_score(
+        q, latent, latent, key_rope=cache[..., width:] if rope else None, num_heads=heads, num_key_value_heads=1,
+        input_layout="BSND", scale=0.1, block_table=table, block_size=bs, actual_seq_lengths_kv=lens, **extra,
+        **mask)
+    dense = torch.zeros(2, max(lens), 1, width + rope, dtype=BF16)
+    for b, r in enumerate(rows):
+        dense[b, : r.shape[0], 0] = r
+    dl = dense[..., :width]
+    dense_out, _ = emu.npu_fused_infer_attention_score(
+        q, dl, dl, key_rope=dense[..., width:] if rope else None, num_heads=heads, num_key_value_heads=1,
+        input_layout="BSND", scale=0.1, actual_seq_lengths_kv=lens, **extra, **mask)
+    assert torch.isfinite(paged_out).all()
+    assert torch.equal(paged_out, dense_out)
+
+
+def test_fia_paged_tnd_is_documented_but_not_emulated():
+    with pytest.raises(emu.NotEmulated, match="paged KV with layout TND"):
+        fia(block_table=torch.tensor([[0]], dtype=I32), block_size=16)
 
 
 def test_fia_scale_is_literal_and_lse_is_reported():

@@ -5,15 +5,19 @@ MLA shapes and the plain form other shapes take). Inputs outside an operator's d
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from backends import ascend, cpu_ref
 from backends.ascend import w8a8
 from backends.cpu_ref.linear_int8 import linear_w8a8_int8, moe_experts_w8a8_int8
+from core.backend import Manifest
 from core.fp8 import dequantize_blocks, quantize_blocks
 from core.ops import ExpertWeights, LinearWeight
 from tests.ascend_support import assert_close, rel_err, simulated  # noqa: F401 (autouse fixture)
+from tests import paged_support as paged
 from tests.helpers import fresh_seed
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -175,39 +179,46 @@ DECODE_CASES = {
 
 @pytest.mark.parametrize("dtype", [BF16, F16])
 @pytest.mark.parametrize("case", list(DECODE_CASES))
-def test_mla_decode(g, dtype, case):
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_mla_decode(g, dtype, case, block_size):
+    """FIA over the paged cache through its own block_table: shuffled tables, partial last blocks, NaN in unused
+    blocks and table entries past the used ones, against a float64 golden."""
     b, s, heads, r, p, lens = DECODE_CASES[case]
-    cache = randn(g, b + 2, 24, r + p, dtype=dtype)
-    slots = torch.randperm(b + 2, generator=g)[:b]  # sequences live in arbitrary cache rows
-    lens_t = torch.tensor(lens)
-    q_lat, q_pe = randn(g, b, s, heads, r, dtype=dtype), randn(g, b, s, heads, p, dtype=dtype)
+    args = paged.decode_inputs(lens, s, heads, r, p, block_size=block_size, dtype=dtype, seed=int(g.initial_seed()))
     scale = 0.1352337788608801
-    assert supports("mla_decode")(q_lat, q_pe, cache, slots, lens_t, scale) is None
-    got = op("mla_decode")(q_lat, q_pe, cache, slots, lens_t, scale)
-    assert_close(got, cpu_ref.mla_decode(q_lat, q_pe, cache, slots, lens_t, scale), 1e-2, case)
+    reason = supports("mla_decode")(*args, scale)
+    if r != 512 and s > 1 and block_size % 128:
+        assert "multiple of 128" in reason, "the plain form with S > 1 is FIA's prefill kernel: pages of 128k"
+        return
+    assert reason is None
+    got = op("mla_decode")(*args, scale)
+    assert torch.isfinite(got).all(), "read a poisoned block"
+    golden = paged.golden_decode(*args, scale)
+    assert_close(got, golden.to(dtype), 1e-2, case)
+    assert_close(cpu_ref.mla_decode(*args, scale), golden.to(dtype), 1e-2, case)
 
 
-def test_mla_decode_never_reads_past_lens(g):
-    cache = randn(g, 2, 16, 576, dtype=BF16)
-    poisoned = cache.clone()
-    poisoned[:, 6:] = float("nan")
-    q_lat, q_pe = randn(g, 2, 1, 4, 512, dtype=BF16), randn(g, 2, 1, 4, 64, dtype=BF16)
-    slots, lens = torch.tensor([1, 0]), torch.tensor([6, 3])
-    got = op("mla_decode")(q_lat, q_pe, poisoned, slots, lens, 0.1)
-    assert torch.isfinite(got).all()
-    assert_close(got, cpu_ref.mla_decode(q_lat, q_pe, cache, slots, lens, 0.1), 1e-2)
+def test_mla_decode_block_sizes_fia_rejects(g):
+    """Block sizes FIA's paged KV does not take go to cpu_ref (declared), and the emulation rejects them."""
+    args = paged.decode_inputs([5, 9], 1, 4, 512, 64, block_size=8, dtype=BF16)
+    assert "multiples of 16" in supports("mla_decode")(*args, 0.1)
+    with pytest.raises(RuntimeError, match="block_size"):
+        ascend.attention.mla_decode(*args, 0.1)
+    manifest = Manifest.load(Path(ascend.__file__).parent / "manifest.yaml")
+    assert manifest.cache.block_sizes == (16, 32, 64, 128, 256, 512) and not manifest.cache.takes(8)
 
 
 def test_mla_decode_empty_batch_and_limits(g):
-    cache = randn(g, 2, 8, 576, dtype=BF16)
+    cache = randn(g, 2, 16, 576, dtype=BF16)
     empty = op("mla_decode")(randn(g, 0, 1, 4, 512, dtype=BF16), randn(g, 0, 1, 4, 64, dtype=BF16), cache,
-                             torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 0.1)
+                             torch.zeros(0, 1, dtype=torch.int32), torch.zeros(0, dtype=torch.long), 0.1)
     assert empty.shape == (0, 1, 4, 512)
-    q32, pe32, c32 = randn(g, 1, 1, 4, 512), randn(g, 1, 1, 4, 64), randn(g, 1, 8, 576)
-    assert "float16/bfloat16" in supports("mla_decode")(q32, pe32, c32, torch.tensor([0]), torch.tensor([3]), 0.1)
+    table = torch.tensor([[1]], dtype=torch.int32)
+    q32, pe32, c32 = randn(g, 1, 1, 4, 512), randn(g, 1, 1, 4, 64), randn(g, 2, 16, 576)
+    assert "float16/bfloat16" in supports("mla_decode")(q32, pe32, c32, table, torch.tensor([3]), 0.1)
     q3 = randn(g, 1, 1, 3, 512, dtype=BF16)  # 3 heads: not a power of two for the MLA form, and R+P > 512
-    assert supports("mla_decode")(q3, randn(g, 1, 1, 3, 64, dtype=BF16), cache, torch.tensor([0]),
-                                  torch.tensor([3]), 0.1) is not None
+    assert supports("mla_decode")(q3, randn(g, 1, 1, 3, 64, dtype=BF16), cache, table, torch.tensor([3]),
+                                  0.1) is not None
 
 
 # -- MoE ---------------------------------------------------------------------------------------------------------
@@ -237,6 +248,23 @@ def test_moe_gate_limits_are_declared(g):
     assert "16 experts" in supports("moe_gate")(logits, bias, 4, 4, 2, 2.5, True), "the embedded default's 16"
     logits = randn(g, 4, 256)
     assert "norm_topk_prob" in supports("moe_gate")(logits, randn(g, 256), 8, 8, 4, 2.5, False)
+
+
+@pytest.mark.parametrize("n_group,topk_group", [(8, 3), (1, 1)])
+@pytest.mark.parametrize("tokens", [0, 1, 33])
+def test_moe_gate_deepseek_v2(g, n_group, topk_group, tokens):
+    """V2's softmax gate (group_limited_greedy / greedy, no bias, no renorm) through norm_type 0 and
+    group_select_mode 0, at the kernel's 256 experts."""
+    logits = randn(g, tokens, 256, scale=2)
+    args = (logits, None, 6, n_group, topk_group, 16.0, False, "softmax", "max")
+    assert supports("moe_gate")(*args) is None
+    _same_routing(op("moe_gate")(*args), cpu_ref.moe_gate(*args))
+
+
+def test_moe_gate_deepseek_v2_limits_are_declared(g):
+    assert "64 experts" in supports("moe_gate")(randn(g, 4, 64), None, 6, 1, 1, 1.0, False, "softmax", "max")
+    reason = supports("moe_gate")(randn(g, 4, 256), None, 6, 8, 3, 1.0, True, "softmax", "max")
+    assert "softmax" in reason and "norm_topk_prob" in reason
 
 
 def _experts(g, e, d, inter, fp8: bool, dtype=F32):

@@ -98,9 +98,10 @@ def _prefill_inputs(dqk=192, dv=128, heads=2):
 
 def _decode_inputs():
     g = torch.Generator().manual_seed(4)
-    cache = torch.randn(3, 12, 576, generator=g).to(BF16)
+    cache = torch.randn(3, 16, 576, generator=g).to(BF16)
     q_lat, q_pe = torch.randn(2, 2, 4, 512, generator=g).to(BF16), torch.randn(2, 2, 4, 64, generator=g).to(BF16)
-    return q_lat, q_pe, cache, torch.tensor([2, 0]), torch.tensor([9, 4]), 0.1352337788608801
+    table = torch.tensor([[2, -1], [0, -1]], dtype=torch.int32)  # one 16-row block each
+    return q_lat, q_pe, cache, table, torch.tensor([9, 4]), 0.1352337788608801
 
 
 @pytest.mark.parametrize("dims", [(192, 128), (64, 32)])

@@ -1,5 +1,5 @@
 """Every in-tree backend passes conformance on this CPU-only machine, in a fresh interpreter as a user runs it:
-cpu_ref on the default (full) case set, ascend against the torch_npu emulation, cuda and rocm through the Triton
+cpu_ref and cpu on the default (full) case set, ascend against the torch_npu emulation, cuda and rocm through the Triton
 interpreter. The reports must say how they ran."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from tests.helpers import run_cli
 
 RUNS = {
     "cpu_ref": ["--backend", "cpu_ref"],
+    "cpu": ["--backend", "cpu"],
     "ascend-simulate": ["--backend", "ascend", "--simulate"],
     "cuda-interpret": ["--backend", "cuda", "--interpret"],
     "rocm-interpret": ["--backend", "rocm", "--interpret", "--level", "op,block"],

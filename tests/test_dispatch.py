@@ -32,9 +32,9 @@ def linear(x, w):
     CALLS["linear"] += 1
     return OPS["linear"](x, w)
 
-def moe_gate(logits, bias, top_k, n_group, topk_group, scale, renorm):
+def moe_gate(logits, bias, top_k, n_group, topk_group, scale, renorm, scoring="sigmoid", group_score="top2_sum"):
     CALLS["moe_gate"] += 1
-    return OPS["moe_gate"](logits, bias, top_k, n_group, topk_group, scale, renorm)
+    return OPS["moe_gate"](logits, bias, top_k, n_group, topk_group, scale, renorm, scoring, group_score)
 
 def only_many_tokens(logits, *args):
     return None if logits.shape[0] >= 4 else "fewer than 4 tokens"

@@ -57,6 +57,21 @@ def test_parameter_count_equals_transformers(config):
     assert plan(cfg).params_without_mtp() == transformers_count(config)
 
 
+def test_deepseek_v2_lite_parameter_count_equals_transformers():
+    """DeepSeek-V2-Lite's published config.json (softmax gate: no correction bias) against DeepseekV2ForCausalLM."""
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    from tests.test_family_configs import DEEPSEEK_V2_LITE
+
+    cfg = ModelConfig.from_dict(DEEPSEEK_V2_LITE, "config.json")
+    fields = {k: v for k, v in DEEPSEEK_V2_LITE.items() if k not in ("rope_scaling", "rope_theta")}
+    with torch.device("meta"):
+        model = DeepseekV2ForCausalLM(DeepseekV2Config(**fields))
+    want = sum(p.numel() for p in model.parameters())
+    assert plan(cfg).params_without_mtp() == plan(cfg).total_params == want
+    assert 15e9 < want < 16.5e9, "DeepSeek-V2-Lite is the 16B model"
+
+
 def test_deepseek_v3_split_over_ranks():
     p = plan(ModelConfig.from_dict(DEEPSEEK_V3, "config.json"))
     one, eight, sixteen = (p.bytes_per_rank(n, "fp8") for n in (1, 8, 16))

@@ -13,6 +13,7 @@ from backends import cpu_ref
 from core.fp8 import quantize_activation, quantize_blocks
 from core.ops import ExpertWeights, LinearWeight
 from tests.helpers import fresh_seed
+from tests.paged_support import paged_cache
 
 F64 = torch.float64
 # (rtol on ||got - golden|| / ||golden||) per working dtype: float32 is a few ulps of accumulation; bf16 one rounding.
@@ -170,20 +171,19 @@ def test_attention_prefill_varlen_bottom_right(g, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("s_new", [1, 2])
-def test_mla_decode_matches_naive_attention_over_the_latent(g, dtype, s_new):
-    """Absorbed decode equals attention with k = [latent, rope key] per head and v = latent."""
-    bsz, h, r, p, slots, max_len = 3, 4, 40, 8, 5, 30
-    cache = randn(g, slots, max_len, r + p).to(dtype)
-    poisoned = cache.clone()
-    slot_ids = torch.tensor([4, 0, 2])
+@pytest.mark.parametrize("block_size", [1, 16, 30])
+def test_mla_decode_matches_naive_attention_over_the_latent(g, dtype, s_new, block_size):
+    """Absorbed decode over a paged cache equals attention with k = [latent, rope key] per head and v = latent,
+    the cache rows gathered through shuffled block tables (block_size 30 with slots[:, None] is v1's layout)."""
+    bsz, h, r, p = 3, 4, 40, 8
     lens = torch.tensor([s_new, 17, 30])
-    for b in range(bsz):  # entries past lens must never be read
-        poisoned[slot_ids[b], int(lens[b]):] = float("nan")
+    rows = [randn(g, int(n), r + p).to(dtype) for n in lens]
+    cache, table = paged_cache(rows, block_size, g, dtype=dtype)  # NaN past lens, in unused blocks, past the table
     q_lat, q_pe = randn(g, bsz, s_new, h, r).to(dtype), randn(g, bsz, s_new, h, p).to(dtype)
-    got = cpu_ref.mla_decode(q_lat, q_pe, poisoned, slot_ids, lens, 0.09)
+    got = cpu_ref.mla_decode(q_lat, q_pe, cache, table, lens, 0.09)
     golden = torch.empty(bsz, s_new, h, r, dtype=F64)
     for b in range(bsz):
-        kv = cache[slot_ids[b], : int(lens[b])].to(F64)
+        kv = rows[b].to(F64)
         q = torch.cat([q_lat[b], q_pe[b]], dim=-1).to(F64)  # [S, H, R+P]
         k = kv[:, None, :].expand(-1, h, -1)
         golden[b] = golden_attention(q, k, kv[:, None, :r].expand(-1, h, -1), 0.09, int(lens[b]) - s_new)

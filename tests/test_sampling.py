@@ -289,10 +289,16 @@ def chi2_limit(df: int) -> float:
 
 
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic and degrees of freedom; cells expected fewer than 5 times are pooled into one (the
+    chi-square approximation needs that: one draw of a 1e-6 token would otherwise dominate the sum)."""
     support = probs > 0
     assert counts[~support].sum() == 0, "a token outside the distribution's support was drawn"
-    expected = probs[support] * counts.sum()
-    return float(((counts[support] - expected) ** 2 / expected).sum()), int(support.sum()) - 1
+    expected, observed = probs[support].double() * counts.sum(), counts[support].double()
+    small = expected < 5
+    if small.any():
+        expected = torch.cat([expected[~small], expected[small].sum()[None]])
+        observed = torch.cat([observed[~small], observed[small].sum()[None]])
+    return float(((observed - expected) ** 2 / expected).sum()), int(expected.numel()) - 1
 
 
 def draw_many(lp: torch.Tensor, n_rows: int, n_steps: int, params: SamplingParams) -> torch.Tensor:
@@ -483,7 +489,7 @@ def test_generation_config_gives_defaults_and_explicit_fields_win(tmp_path):
     ({"eos_token_id": ["x\ny"]}, "eos_token_id must be"),
     ("{not json", "invalid JSON at line 1"),
     ("[1, 2]", "expected a JSON object, got list"),
-    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    ("[" * 100000 + "]" * 100000, "levels deep; refused"),
     (b"\xff\xfe{}", "not UTF-8"),
 ])
 def test_a_bad_generation_config_is_one_line_naming_the_file(tmp_path, content, expect):
@@ -501,7 +507,7 @@ def test_a_bad_generation_config_is_one_line_naming_the_file(tmp_path, content, 
 def test_json_reading_is_bounded_and_refuses_what_is_not_a_regular_file(tmp_path):
     big = tmp_path / "big.json"
     big.write_bytes(b"{" + b" " * (5 * 1024 * 1024) + b"}")
-    with pytest.raises(CheckpointError, match="bytes, more than the 4194304"):
+    with pytest.raises(CheckpointError, match="bytes exceeds the limit of 4194304 bytes"):
         read_json_object(big)
     assert read_json_object(big, max_bytes=6 * 1024 * 1024) == {}
     fifo = tmp_path / "fifo.json"

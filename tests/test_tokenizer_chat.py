@@ -289,7 +289,7 @@ def test_bad_messages_and_templates_are_one_line(ds_dir, tmp_path):
 def test_bad_tokenizer_files_are_one_line(tmp_path, monkeypatch):
     d = write_deepseek_tokenizer(tmp_path / "ok")
     cases = {
-        "tokenizer_config.json": [(b"[1]", "JSON object"), (b"{", "not valid JSON"), (b"\xff\xfe{}", "not UTF-8"),
+        "tokenizer_config.json": [(b"[1]", "JSON object"), (b"{", "invalid JSON"), (b"\xff\xfe{}", "not UTF-8"),
                                   (b"[" * 100000 + b"]" * 100000, "tokenizer_config.json"),
                                   (json.dumps({"bos_token": 5}).encode(), "bos_token"),
                                   (json.dumps({"chat_template": [{"name": 1}]}).encode(), "chat_template")],

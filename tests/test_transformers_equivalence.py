@@ -60,16 +60,27 @@ def test_greedy_continuation_matches_transformers(tiny, chunk):
     assert got == want, f"seed {seed}, chunk {chunk}"
 
 
+BS = 16
+
+
+def paged(model, positions: int, seed: int, mtp: bool = False):
+    """A paged cache with spare blocks, and a shuffled (non-contiguous) block table holding `positions` positions."""
+    need = -(-positions // BS)
+    cache = model.new_cache(need + 3, BS, mtp=mtp)
+    return cache, torch.randperm(need + 3, generator=torch.Generator().manual_seed(seed))[:need].tolist()
+
+
 def test_decode_path_logits_match_transformers(tiny):
     """Teacher-forced through the absorbed path: prefill half, then one mla_decode step per token."""
     hf, ours, _, prompt, seed = tiny
     with torch.no_grad():
         want = hf(torch.tensor([prompt])).logits[0]
-        cache = ours.new_cache(1, len(prompt))
+        cache, table = paged(ours, len(prompt), seed)
         half = len(prompt) // 2
-        outs = [ours.logits(ours.forward(Batch.build([prompt[:half]], [0], [0], ours.device), cache))]
+        outs = [ours.logits(ours.forward(Batch.build([prompt[:half]], [table], [0], ours.device, block_size=BS),
+                                         cache))]
         for i in range(half, len(prompt)):
-            b = Batch.build([[prompt[i]]], [0], [i], ours.device, decode=True)
+            b = Batch.build([[prompt[i]]], [table], [i], ours.device, block_size=BS, decode=True)
             outs.append(ours.logits(ours.forward(b, cache)))
     assert rel(torch.cat(outs), want) < 1e-5, f"seed {seed}"
 
@@ -93,10 +104,10 @@ def test_mtp_draft_logits_match_transformers(tiny):
         tokens = torch.tensor([prompt[1:]])
         want = mtp._project_to_logits(mtp.forward_layer(0, h[:, :-1], torch.arange(1, n)[None], None,
                                                         input_ids=tokens))[0]
-        cache, mtp_cache = ours.new_cache(1, n), ours.new_cache(1, n, mtp=True)
-        hidden = ours.forward(Batch.build([prompt], [0], [0], ours.device), cache)
-        g = ours.mtp_forward(Batch.build([prompt[1:]], [0], [0], ours.device, position_offset=1), hidden[:-1],
-                             mtp_cache)
+        (cache, table), (mtp_cache, mtp_table) = paged(ours, n, seed), paged(ours, n, seed + 1, mtp=True)
+        hidden = ours.forward(Batch.build([prompt], [table], [0], ours.device, block_size=BS), cache)
+        g = ours.mtp_forward(Batch.build([prompt[1:]], [mtp_table], [0], ours.device, block_size=BS,
+                                         position_offset=1), hidden[:-1], mtp_cache)
         got = ours.logits(g)
     assert rel(hidden, h[0]) < 1e-5
     assert rel(got, want) < 1e-5, f"seed {seed}"

@@ -17,6 +17,7 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 
 from backends.cpu_ref import attention as ref  # noqa: E402
 from backends.triton_kernels import attention as tri  # noqa: E402
+from tests import paged_support as paged  # noqa: E402
 
 F32_TOL = dict(rtol=1e-5, atol=1e-5)
 BF16_TOL = dict(rtol=2e-2, atol=2e-2)
@@ -129,17 +130,10 @@ def test_prefill_writes_every_output_element():
 
 
 def decode_inputs(lens: list[int], s_new: int, heads: int, rank: int, rope: int, dtype=torch.float32, seed=0,
-                  num_slots: int = 6, max_len: int = 48):
-    """Queries as views of one [B, S, H, R+P] tensor; a cache whose rows at or past lens (and unused slots) are NaN."""
-    g = torch.Generator().manual_seed(seed)
-    bsz = len(lens)
-    q = torch.randn(bsz, s_new, heads, rank + rope, generator=g).to(dtype)
-    q_lat, q_pe = q[..., :rank], q[..., rank:]
-    cache = torch.full((num_slots, max_len, rank + rope), float("nan"), dtype=dtype)
-    slots = torch.randperm(num_slots, generator=g)[:bsz]
-    for b, n in enumerate(lens):
-        cache[slots[b], :n] = torch.randn(n, rank + rope, generator=g).to(dtype)
-    return q_lat, q_pe, cache, slots, torch.tensor(lens, dtype=torch.int64)
+                  block_size: int = 16):
+    """Queries as views of one [B, S, H, R+P] tensor; a paged cache with shuffled block tables whose rows past lens,
+    unused blocks and table entries past the used ones are NaN or -1 (tests/paged_support.py)."""
+    return paged.decode_inputs(lens, s_new, heads, rank, rope, block_size=block_size, dtype=dtype, seed=seed)
 
 
 def check_decode(q_lat, q_pe, cache, slots, lens, scale, cfg=None, tol=F32_TOL):
@@ -193,7 +187,7 @@ def test_decode_bf16():
 
 def test_decode_real_head_dims():
     """R = 512, P = 64 at tiny lengths, few heads, MTP (S = 2), with and without splits, V3's softmax scale."""
-    args = decode_inputs([5, 19], 2, heads=2, rank=512, rope=64, max_len=24, num_slots=3)
+    args = decode_inputs([5, 19], 2, heads=2, rank=512, rope=64, block_size=64)
     check_decode(*args, scale=0.1352337788608801)
     check_decode(*args, scale=0.1352337788608801, cfg={"num_splits": 2, "min_split_tokens": 8, "BLOCK_N": 16})
 
@@ -202,7 +196,7 @@ def test_decode_noncontiguous_cache_and_queries():
     q_lat, q_pe, cache, slots, lens = decode_inputs([14, 30], 2, heads=4, rank=32, rope=16)
     interleaved = torch.full((cache.shape[0], cache.shape[1], 2, cache.shape[2]), float("nan"))
     interleaved[:, :, 1] = cache
-    layer_view = interleaved[:, :, 1]  # [N, L, R+P] with a row stride of 2*(R+P)
+    layer_view = interleaved[:, :, 1]  # [blocks, block_size, R+P] with a row stride of 2*(R+P)
     q_lat_t = q_lat.transpose(1, 2).contiguous().transpose(1, 2)  # [B, S, H, R] with S and H swapped in memory
     assert not layer_view.is_contiguous() and not q_lat_t.is_contiguous()
     check_decode(q_lat_t, q_pe, layer_view, slots, lens, 0.2,
@@ -232,3 +226,28 @@ def test_decode_padding_entry_is_zero():
         assert torch.equal(out[1], torch.zeros_like(out[1]))
         torch.testing.assert_close(out[:1], ref.mla_decode(q_lat[:1], q_pe[:1], cache, slots[:1], lens[:1], 0.2),
                                    **F32_TOL)
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 64, 128])
+@pytest.mark.parametrize("s_new", [1, 2])
+def test_decode_paged_block_sizes_against_float64_golden(block_size, s_new):
+    """Shuffled block tables, partial last blocks, very different lengths, NaN in unused blocks and past lens; the
+    split boundaries (BLOCK_N 16) fall inside and across pages."""
+    lens = [1 + s_new, 150, 17, 64] if block_size > 1 else [s_new, 40, 17]
+    args = decode_inputs(lens, s_new, heads=4, rank=32, rope=16, block_size=block_size, seed=block_size)
+    golden = paged.golden_decode(*args, 0.2)
+    for cfg in ({"num_splits": 1, "BLOCK_N": 16}, {"num_splits": 3, "min_split_tokens": 16, "BLOCK_N": 16}):
+        out = check_decode(*args, scale=0.2, cfg=cfg)
+        torch.testing.assert_close(out.double(), golden, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_v1_layout_is_block_size_l():
+    """v1's [N, L, R+P] cache with slots is v2 with block_size = L and block_table = slots[:, None]."""
+    g = torch.Generator().manual_seed(7)
+    cache = torch.randn(5, 40, 48, generator=g)
+    slots, lens = torch.tensor([3, 0, 4]), torch.tensor([40, 9, 23])
+    cache[0, 9:] = float("nan")
+    q = torch.randn(3, 2, 4, 48, generator=g)
+    args = (q[..., :32], q[..., 32:], cache, slots[:, None].to(torch.int32), lens)
+    out = check_decode(*args, scale=0.2, cfg={"num_splits": 2, "min_split_tokens": 16, "BLOCK_N": 16})
+    torch.testing.assert_close(out.double(), paged.golden_decode(*args, 0.2), rtol=1e-5, atol=1e-5)

@@ -256,6 +256,34 @@ def test_moe_gate_noaux_tc(g, experts, groups, kept, top_k, renorm, tokens):
     assert unchanged((logits, logits0), (bias, bias0))
 
 
+@pytest.mark.parametrize("experts,groups,kept,top_k,renorm", [
+    (64, 1, 1, 6, False), (160, 8, 3, 6, False), (16, 4, 2, 4, True), (20, 4, 2, 3, False), (12, 3, 1, 2, False)])
+@pytest.mark.parametrize("tokens", [1, 37])
+def test_moe_gate_deepseek_v2_softmax(g, experts, groups, kept, top_k, renorm, tokens):
+    """DeepSeek-V2's gate: softmax over all (non-power-of-two) experts, groups scored by their best expert."""
+    logits = randn(g, tokens, experts, scale=2)
+    logits0 = logits.clone()
+    with poisoned_allocations():
+        w, ids = tk.moe_gate(logits, None, top_k, groups, kept, 16.0, renorm, "softmax", "max", cfg={"BLOCK_T": 16})
+    rw, rids = cpu_ref.moe_gate(logits, None, top_k, groups, kept, 16.0, renorm, "softmax", "max")
+    for t in range(tokens):
+        assert set(ids[t].tolist()) == set(rids[t].tolist())
+    order, rorder = ids.argsort(dim=1), rids.argsort(dim=1)
+    torch.testing.assert_close(w.gather(1, order), rw.gather(1, rorder), rtol=1e-6, atol=1e-7)
+    assert unchanged((logits, logits0))
+
+
+def test_moe_gate_rules_are_independent(g):
+    """Each rule alone differs from the other (so the kernel really switches): sigmoid with max groups, softmax
+    with top-2 groups, both equal to cpu_ref."""
+    logits, bias = gate_case(g, 37, 16)
+    for scoring, rule in (("sigmoid", "max"), ("softmax", "top2_sum")):
+        w, ids = tk.moe_gate(logits, bias, 4, 4, 1, 2.5, True, scoring, rule, cfg={"BLOCK_T": 16})
+        rw, rids = cpu_ref.moe_gate(logits, bias, 4, 4, 1, 2.5, True, scoring, rule)
+        assert torch.equal(ids.sort(1).values, rids.sort(1).values), (scoring, rule)
+        torch.testing.assert_close(w.gather(1, ids.argsort(1)), rw.gather(1, rids.argsort(1)), rtol=1e-6, atol=1e-7)
+
+
 def expert_case(g, e, d, inter):
     gate, up, down = (torch.randn(*s, generator=g) * 0.1 for s in ((e, inter, d), (e, inter, d), (e, d, inter)))
     (gq, gs), (uq, us), (dq, ds) = (quantize_blocks(t) for t in (gate, up, down))

@@ -6,7 +6,8 @@
     silu_and_mul              npu_swiglu
     attention_prefill         npu_fused_infer_attention_score (TND, sparse_mode 3, cumulative lengths)
     mla_decode                npu_fused_infer_attention_score (absorbed MLA: latent as key/value, query_rope/key_rope)
-    moe_gate                  npu_moe_gating_top_k (sigmoid, group_select_mode 1, renorm 0, routed_scaling_factor)
+    moe_gate                  npu_moe_gating_top_k (sigmoid + group_select_mode 1 for V3, softmax + mode 0 for V2;
+                              renorm 0, routed_scaling_factor)
     moe_experts               npu_moe_init_routing_v2 + npu_grouped_matmul + npu_swiglu + npu_moe_finalize_routing
 
 Every operator calls `torch_npu.<op>` through backends.ascend.runtime's handle, which the probe points at the real

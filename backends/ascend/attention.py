@@ -4,9 +4,13 @@ Prefill: TND layout, actual_seq_lengths / actual_seq_lengths_kv as CUMULATIVE Py
 (right-down causal, so a cached prefix is visible) with the compressed 2048x2048 mask triu(ones, 1) where
 True = masked out. DeepSeek-V3's shape (q/k 192 = 128 + 64, v 128) uses FIA's MLA form with query_rope/key_rope,
 as vllm-ascend does; other shapes use the plain form with head dims zero-padded to a common aligned width.
-Decode: the latent rows are gathered per sequence into BSND (B, L, 1, D) with KV_N = 1 and per-sequence
-actual_seq_lengths_kv; R = 512 / P = 64 uses the absorbed MLA form (latent as key AND value, rope parts as
-query_rope/key_rope); other shapes the plain GQA form over [latent | rope] with the output cut back to R.
+Decode (contract v2): FIA reads the paged latent cache itself through its own `block_table` (int32, per-sequence
+rows) and `block_size`, in BSND with KV_N = 1 (the cache [blocks, block_size, R+P] is FIA's BnBsH key layout), with
+per-sequence actual_seq_lengths_kv; nothing is gathered per step. R = 512 / P = 64 uses the absorbed MLA form
+(the latent columns as key AND value, the rope columns as key_rope, both strided views of the one cache); other
+shapes the plain GQA form over the whole [latent | rope] row with the output cut back to R (this needs a 16-byte
+aligned row, since a paged cache cannot be padded without copying it). Block sizes are FIA's: a multiple of 16 (up
+to 512 here; the plain form with S > 1 goes to FIA's prefill kernel and needs a multiple of 128).
 S > 1 new tokens (MTP verification) use sparse_mode 3; S = 1 needs no mask.
 The softmax scale is ALWAYS passed: FIA's default is 1.0, not 1/sqrt(D).
 """
@@ -91,45 +95,49 @@ def _mla_decode_shape(q_lat: Tensor, q_pe: Tensor) -> bool:
     return q_lat.shape[-1] == 512 and q_pe.shape[-1] == 64 and q_lat.shape[2] in (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-def decode_supports(q_lat: Tensor, q_pe: Tensor, cache: Tensor, slots: Tensor, lens: Tensor,
+def decode_supports(q_lat: Tensor, q_pe: Tensor, cache: Tensor, block_table: Tensor, lens: Tensor,
                     scale: float) -> str | None:
     """None when FIA can run this call, else why it goes to cpu_ref."""
     if q_lat.dtype not in HALF or q_pe.dtype != q_lat.dtype or cache.dtype != q_lat.dtype:
         return "FIA takes float16/bfloat16 only"
     b, s, heads, r = q_lat.shape
+    block_size = cache.shape[1]
     if b > 65536:
         return "more than 65536 sequences"
     if s > 16:
         return "more than 16 new tokens per sequence"
     if b and int(lens.max()) > 262144:
         return "more than 262144 cached tokens"
+    if block_size % 16 or block_size > 512:
+        return f"FIA's paged KV takes block sizes that are multiples of 16 up to 512, not {block_size}"
     if _mla_decode_shape(q_lat, q_pe):
         return None
     if heads > 64:
         return "plain FIA with one KV head takes at most 64 query heads (the MLA form needs R=512, P=64)"
-    if aligned_width(r + q_pe.shape[-1], q_lat.dtype) > 512:
-        return "latent + rope width above 512 outside the MLA form (R=512, P=64)"
+    width = r + q_pe.shape[-1]
+    if aligned_width(width, q_lat.dtype) != width or width > 512:
+        return "latent + rope row not 16-byte aligned or above 512 outside the MLA form (R=512, P=64)"
+    if s > 1 and block_size % 128:
+        return f"plain FIA with S > 1 runs the prefill kernel, whose paged KV needs a multiple of 128, not {block_size}"
     return None
 
 
-def mla_decode(q_lat: Tensor, q_pe: Tensor, cache: Tensor, slots: Tensor, lens: Tensor, scale: float) -> Tensor:
-    """q_lat [B, S, H, R], q_pe [B, S, H, P], cache [N, L, R+P] (latent then rope key), slots [B], lens [B]
-    (including the S new tokens) -> o_lat [B, S, H, R] in q_lat.dtype. New token s sees positions 0 .. lens-S+s."""
+def mla_decode(q_lat: Tensor, q_pe: Tensor, cache: Tensor, block_table: Tensor, lens: Tensor, scale: float) -> Tensor:
+    """q_lat [B, S, H, R], q_pe [B, S, H, P], paged cache [blocks, block_size, R+P] (latent then rope key),
+    block_table [B, max_blocks] int32, lens [B] (including the S new tokens) -> o_lat [B, S, H, R] in q_lat.dtype.
+    New token s sees positions 0 .. lens-S+s; FIA reads only the blocks the table names for lens[b] positions."""
     b, s, heads, r = q_lat.shape
     if b == 0:
         return q_lat.new_empty(q_lat.shape)
-    kv = cache[slots.long(), : int(lens.max())].unsqueeze(2)  # [B, Lmax, 1, R+P]; FIA reads only lens[b] rows
     common = dict(num_heads=heads, num_key_value_heads=1, input_layout="BSND", scale=scale,
-                  actual_seq_lengths_kv=lens.tolist(), sparse_mode=3 if s > 1 else 0,
+                  actual_seq_lengths_kv=lens.tolist(), block_table=block_table.to(torch.int32),
+                  block_size=cache.shape[1], sparse_mode=3 if s > 1 else 0,
                   atten_mask=causal_mask(q_lat.device) if s > 1 else None)
     if _mla_decode_shape(q_lat, q_pe):
-        latent = kv[..., :r].contiguous()
+        latent = cache[..., :r]  # (blocks, block_size, 512): key and value are the same latent cache
         out, _lse = torch_npu.npu_fused_infer_attention_score(
-            q_lat.contiguous(), latent, latent, query_rope=q_pe.contiguous(), key_rope=kv[..., r:].contiguous(),
-            **common)
+            q_lat.contiguous(), latent, latent, query_rope=q_pe.contiguous(), key_rope=cache[..., r:], **common)
         return out
-    width = aligned_width(r + q_pe.shape[-1], q_lat.dtype)
-    q = _pad(torch.cat((q_lat, q_pe), dim=-1), width)
-    keys = _pad(kv, width).contiguous()
-    out, _lse = torch_npu.npu_fused_infer_attention_score(q, keys, keys, **common)
+    q = torch.cat((q_lat, q_pe), dim=-1)
+    out, _lse = torch_npu.npu_fused_infer_attention_score(q, cache, cache, **common)
     return out[..., :r].contiguous()

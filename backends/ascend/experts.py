@@ -44,7 +44,11 @@ def prepare_experts(gate: Tensor, gate_scale: Tensor | None, up: Tensor, up_scal
 
 
 def route(x: Tensor, ids: Tensor, experts: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(expanded_x [T*K, D] sorted by expert, expanded_row_idx [T*K] int32 gather index, counts [E] int64)."""
+    """(expanded_x [T*K, D] sorted by expert, expanded_row_idx [T*K] int32 gather index, counts [E] int64).
+
+    Expert parallelism is Ascend's own mechanism: `active_expert_range=[0, E)` over this rank's local ids, so a -1
+    id (an expert held by another rank) sorts last, is counted nowhere (the group list covers fewer than T*K
+    rows; the grouped GEMMs leave the rest undefined) and gets expanded_row_idx -1, which finalize_routing skips."""
     tokens, k = ids.shape
     expanded_x, row_idx, counts, _scale = torch_npu.npu_moe_init_routing_v2(
         x.contiguous(), ids.to(torch.int32), active_num=tokens * k, expert_num=experts, expert_tokens_num_type=1,
@@ -66,8 +70,8 @@ def grouped(x: Tensor, weight: Tensor, counts: Tensor, **quant: object) -> Tenso
 
 
 def moe_experts(x: Tensor, experts: AscendExperts, weights: Tensor, ids: Tensor) -> Tensor:
-    """x [T, D], weights [T, k] float32, ids [T, k] int64 in [0, E) -> sum_j weights[:, j] * Expert_ids[:, j](x),
-    [T, D] in x.dtype."""
+    """x [T, D], weights [T, k] float32, ids [T, k] int64 in [0, E) or -1 (held by another rank: skipped)
+    -> sum_j weights[:, j] * Expert_ids[:, j](x), [T, D] in x.dtype."""
     if x.shape[0] == 0:
         return x.new_zeros(x.shape)
     w13 = experts.w13 if experts.w13.dtype == x.dtype else experts.w13.to(x.dtype)

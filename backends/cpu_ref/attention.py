@@ -1,4 +1,4 @@
-"""MLA attention: the naive varlen prefill and the absorbed decode over the latent cache."""
+"""MLA attention: the naive varlen prefill and the absorbed decode over the paged latent cache (contract v2)."""
 
 from __future__ import annotations
 
@@ -32,19 +32,37 @@ def attention_prefill(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tenso
     return out
 
 
-def mla_decode(q_lat: Tensor, q_pe: Tensor, cache: Tensor, slots: Tensor, lens: Tensor, scale: float) -> Tensor:
-    """score[b,s,h,t] = (q_lat . c_t + q_pe . pe_t) * scale over t <= lens[b]-S+s; o = softmax(score) @ c.
+def gather_pages(cache: Tensor, block_table: Tensor, lens: Tensor) -> Tensor:
+    """Each sequence's cache rows 0 .. max(lens)-1 through its block table: [B, Lmax, R+P], rows at or past lens[b]
+    zero. Only table entries below ceil(lens[b] / block_size) are read; nothing past lens[b] is copied."""
+    bsz = block_table.shape[0]
+    block_size = cache.shape[1]
+    lmax = int(lens.max()) if bsz else 0
+    out = cache.new_zeros(bsz, lmax, cache.shape[2])
+    for b in range(bsz):
+        n = int(lens[b])
+        used = -(-n // block_size)
+        blocks = block_table[b, :used].long()
+        if used and (int(blocks.min()) < 0 or int(blocks.max()) >= cache.shape[0]):
+            raise ValueError(f"mla_decode: sequence {b} names blocks {blocks.tolist()} outside the cache's "
+                             f"{cache.shape[0]} blocks")
+        out[b, :n] = cache[blocks].reshape(used * block_size, cache.shape[2])[:n]
+    return out
 
-    q_lat [B,S,H,R], q_pe [B,S,H,P], cache [N,L,R+P] (latent first), slots [B], lens [B]. float32 throughout."""
+
+def mla_decode(q_lat: Tensor, q_pe: Tensor, cache: Tensor, block_table: Tensor, lens: Tensor, scale: float) -> Tensor:
+    """score[b,s,h,t] = (q_lat . c_t + q_pe . pe_t) * scale over t <= lens[b]-S+s; o = softmax(score) @ c, where
+    row t of sequence b is cache[block_table[b, t // block_size], t % block_size].
+
+    q_lat [B,S,H,R], q_pe [B,S,H,P], cache [num_blocks, block_size, R+P] (latent first), block_table [B, max_blocks]
+    int32, lens [B]. float32 throughout (float64 for float64 inputs)."""
     ct = compute_dtype(q_lat.dtype)
     bsz, s_new, _, rank = q_lat.shape
     if bsz == 0:
         return q_lat.new_empty(q_lat.shape)
-    lmax = int(lens.max())
-    t = torch.arange(lmax, device=q_lat.device)
     lens = lens.to(q_lat.device).long()
-    kv = cache[slots.long(), :lmax].to(ct)  # [B, Lmax, R+P]
-    kv = kv.masked_fill((t[None, :] >= lens[:, None])[..., None], 0)  # never let entries past lens[b] in
+    kv = gather_pages(cache, block_table, lens).to(ct)  # [B, Lmax, R+P]
+    t = torch.arange(kv.shape[1], device=q_lat.device)
     latent, rope_key = kv[..., :rank], kv[..., rank:]
     scores = torch.einsum("bshr,btr->bsht", q_lat.to(ct), latent)
     scores = scores + torch.einsum("bshp,btp->bsht", q_pe.to(ct), rope_key)

@@ -74,6 +74,8 @@ def moe_experts_w8a8_int8(x: Tensor, experts: ExpertWeights, weights: Tensor, id
     w16 = weights.to(half).float()
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in torch.unique(ids).tolist():
+        if e < 0:  # held by another process (expert parallelism)
+            continue
         token, slot = torch.nonzero(ids == e, as_tuple=True)
         c13, s13 = _stack_codes((experts.gate[e], experts.gate_scale[e]), (experts.up[e], experts.up_scale[e]))
         gu = int8_gemm(x16[token], c13, s13).to(half).float()
@@ -95,6 +97,8 @@ def _float_experts(x: Tensor, experts: ExpertWeights, weights: Tensor, ids: Tens
     ct = compute_dtype(x.dtype)
     out = torch.zeros(x.shape, dtype=ct, device=x.device)
     for e in torch.unique(ids).tolist():
+        if e < 0:  # held by another process (expert parallelism)
+            continue
         token, slot = torch.nonzero(ids == e, as_tuple=True)
         xe = x[token].to(ct)
         h = torch.nn.functional.silu(xe @ experts.gate[e].to(ct).T) * (xe @ experts.up[e].to(ct).T)

@@ -1,4 +1,5 @@
-"""DeepSeekMoE: the noaux_tc gate and the routed-expert sum (reference and W8A8 numerics)."""
+"""DeepSeekMoE: the gate (V3 noaux_tc, V2 greedy / group_limited_greedy) and the routed-expert sum (reference and
+W8A8 numerics)."""
 
 from __future__ import annotations
 
@@ -10,26 +11,33 @@ from torch import Tensor
 
 from backends.cpu_ref.linear import w8a8_roundtrip
 from core.fp8 import E4M3_MAX, dequantize_blocks
-from core.ops import ExpertWeights, compute_dtype
+from core.ops import GATE_GROUP_SCORE, GATE_SCORING, ExpertWeights, compute_dtype
 
 
 def moe_gate(logits: Tensor, bias: Tensor | None, top_k: int, n_group: int, topk_group: int, scale: float,
-             renorm: bool) -> tuple[Tensor, Tensor]:
-    """noaux_tc routing. logits [T, E] float32 (float64 for golden), bias [E] or None.
+             renorm: bool, scoring: str = "sigmoid", group_score: str = "top2_sum") -> tuple[Tensor, Tensor]:
+    """DeepSeekMoE routing (core.ops.moe_gate). logits [T, E] float32 (float64 for golden), bias [E] or None.
 
-    sigmoid scores; biased scores pick groups (sum of each group's top-2) and then experts; the unbiased scores of the
-    chosen experts, renormalised (when `renorm`) and multiplied by `scale`, are the weights. Returns
-    (weights [T, top_k] float32 (float64 for float64 logits), ids [T, top_k] int64), sorted by biased score."""
+    `scoring` sigmoid or softmax (over all E); selection scores c = s + bias pick groups (each scored by the sum of
+    its top-2 c, group_score "top2_sum", or its best c, "max") and then experts; the unbiased scores of the chosen
+    experts, renormalised (when `renorm`) and multiplied by `scale`, are the weights. Returns
+    (weights [T, top_k] float32 (float64 for float64 logits), ids [T, top_k] int64), sorted by selection score."""
+    if scoring not in GATE_SCORING or group_score not in GATE_GROUP_SCORE:
+        raise ValueError(f"moe_gate: scoring {scoring!r} / group_score {group_score!r} is not one of "
+                         f"{GATE_SCORING} / {GATE_GROUP_SCORE}")
     ct = compute_dtype(logits.dtype)
     tokens, n_experts = logits.shape
-    scores = torch.sigmoid(logits.to(ct))
+    scores = torch.sigmoid(logits.to(ct)) if scoring == "sigmoid" else torch.softmax(logits.to(ct), dim=-1)
     choice = scores + bias.to(ct) if bias is not None else scores
     if n_group > 1 and topk_group < n_group:
         per_group = n_experts // n_group
         grouped = choice.view(tokens, n_group, per_group)
-        group_score = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)  # [T, n_group]
-        keep = group_score.topk(topk_group, dim=-1).indices
-        group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+        if group_score == "top2_sum":
+            group_scores = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)  # [T, n_group]
+        else:
+            group_scores = grouped.amax(dim=-1)
+        keep = group_scores.topk(topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
         expert_mask = group_mask[:, :, None].expand(tokens, n_group, per_group).reshape(tokens, n_experts)
         choice = choice.masked_fill(~expert_mask, float("-inf"))
     ids = choice.topk(top_k, dim=-1).indices
@@ -53,6 +61,8 @@ def _moe_experts(x: Tensor, experts: ExpertWeights, weights: Tensor, ids: Tensor
     ct = compute_dtype(x.dtype)
     out = torch.zeros(x.shape[0], x.shape[1], dtype=ct, device=x.device)
     for e in torch.unique(ids).tolist():
+        if e < 0:  # an expert held by another process (expert parallelism): contributes nothing
+            continue
         token, slot = torch.nonzero(ids == e, as_tuple=True)
         xe = act(x[token].to(ct))
         w_gate = dequantize_blocks(experts.gate[e], _at(experts.gate_scale, e), ct)
@@ -70,7 +80,7 @@ def _at(scale: Tensor | None, e: int) -> Tensor | None:
 
 def moe_experts(x: Tensor, experts: ExpertWeights, weights: Tensor, ids: Tensor) -> Tensor:
     """`sum_j weights[t,j] * down(silu(gate(x)) * up(x))` over the chosen experts; float32 intermediates and
-    combine, one rounding to x.dtype."""
+    combine, one rounding to x.dtype. ids of -1 (experts held by another process) contribute nothing."""
     return _moe_experts(x, experts, weights, ids, lambda a: a)
 
 

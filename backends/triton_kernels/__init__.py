@@ -16,7 +16,7 @@ included, so it must be set before the first `import triton` of the process (run
     quant           per-token-per-128 FP8 activation quantisation (W8A8's A side)
     gemm            float and block-scaled FP8 GEMM (split-K), used by linear
     linear_layer    linear, prepare_linear
-    router          moe_gate (noaux_tc grouped top-k)
+    router          moe_gate (noaux_tc / V2 grouped top-k, sigmoid or softmax)
     moe_align       expert sort + BLOCK_M padding (torch, sync-free)
     moe             moe_experts, prepare_experts (fused gate_up+SiLU(+quant), down, fp32 combine)
     attention       attention_prefill, mla_decode
@@ -71,11 +71,13 @@ def linear(x: Tensor, w: object, cfg: Cfg = None) -> Tensor:
 
 
 def moe_gate(logits: Tensor, bias: Tensor | None, top_k: int, n_group: int, topk_group: int, scale: float,
-             renorm: bool, cfg: Cfg = None) -> tuple[Tensor, Tensor]:
-    """core.ops.moe_gate: logits [T, E] float32 -> (weights [T, k] float32, ids [T, k] int64) (router.py)."""
+             renorm: bool, scoring: str = "sigmoid", group_score: str = "top2_sum",
+             cfg: Cfg = None) -> tuple[Tensor, Tensor]:
+    """core.ops.moe_gate: logits [T, E] float32 -> (weights [T, k] float32, ids [T, k] int64); sigmoid or softmax
+    scoring, top2_sum or max group scores (router.py)."""
     from backends.triton_kernels.router import moe_gate as impl
 
-    return impl(logits, bias, top_k, n_group, topk_group, scale, renorm, cfg=cfg)
+    return impl(logits, bias, top_k, n_group, topk_group, scale, renorm, scoring, group_score, cfg=cfg)
 
 
 def moe_experts(x: Tensor, experts: object, weights: Tensor, ids: Tensor, cfg: Cfg = None) -> Tensor:
@@ -93,13 +95,13 @@ def attention_prefill(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tenso
     return impl(q, k, v, cu_q, cu_k, scale, cfg=dict(cfg or {}))
 
 
-def mla_decode(q_lat: Tensor, q_pe: Tensor, cache: Tensor, slots: Tensor, lens: Tensor, scale: float,
+def mla_decode(q_lat: Tensor, q_pe: Tensor, cache: Tensor, block_table: Tensor, lens: Tensor, scale: float,
                cfg: Cfg = None) -> Tensor:
-    """core.ops.mla_decode: q_lat [B, S, H, R], q_pe [B, S, H, P], cache [N, L, R+P] -> [B, S, H, R]
-    (attention.py)."""
+    """core.ops.mla_decode (v2): q_lat [B, S, H, R], q_pe [B, S, H, P], paged cache [num_blocks, block_size, R+P],
+    block_table [B, max_blocks] int32, lens [B] -> [B, S, H, R] (attention.py)."""
     from backends.triton_kernels.attention import mla_decode as impl
 
-    return impl(q_lat, q_pe, cache, slots, lens, scale, cfg=dict(cfg or {}))
+    return impl(q_lat, q_pe, cache, block_table, lens, scale, cfg=dict(cfg or {}))
 
 
 def prepare_linear(weight: Tensor, scale_inv: Tensor | None) -> object:

@@ -12,14 +12,17 @@ branches live here, and nothing is autotuned (the interpreter cannot run `@trito
   blocks (bottom-right causal: row i sees keys <= Lk - Lq + i) run masked. The QK head dim is split into a
   power-of-two part and a padded remainder (192 = 128 + 64), so no FLOPs are wasted on padding.
 
-`mla_decode` (the FlashMLA / SGLang two-stage layout, with FlagGems' many heads per program):
+`mla_decode` (the FlashMLA / SGLang two-stage layout, with FlagGems' many heads per program) over the paged cache:
   stage 1 grid (ceil(H / BLOCK_H), max_splits, B): BLOCK_H heads x S new tokens form the M = BLOCK_S*BLOCK_H rows
   of each dot, so a [BLOCK_N, R+P] cache tile is loaded once for all of them and serves as K (all R+P columns)
   and V (the first R). Each sequence is cut into n_b = clamp(ceil(lens_b / min_split_tokens), 1, max_splits)
   splits of a BLOCK_N-aligned length, computed on the device from `lens` (no host sync). Stage 1 writes each
   split's normalised partial output and base-2 log-sum-exp; stage 2, grid (B, S*H), merges them. With
-  max_splits == 1 stage 1 writes the final output itself and stage 2 is skipped. Loads are masked at lens[b], so
-  cache entries at or past lens[b] are never read.
+  max_splits == 1 stage 1 writes the final output itself and stage 2 is skipped. Each cache row of a BLOCK_N tile
+  is addressed through the block table (page = block: position t is block_table[b, t // PAGE], row t % PAGE, PAGE
+  a compile-time constant), so any page size works (1, 16, 64, 128 are tested) and a tile may span pages. Loads of
+  the table and of the cache are masked at lens[b], so cache rows at or past lens[b] and table entries past
+  ceil(lens[b] / PAGE) are never read.
 
 cfg keys (all optional; the defaults are in `_prefill_plan` / `_decode_plan`):
   prefill: BLOCK_M, BLOCK_N, num_warps, num_stages (16-bit default 128 x 64, 8 warps, 3 stages; float32 32 x 16).
@@ -356,14 +359,19 @@ def _split_range(seq_len, split, MAX_SPLITS: tl.constexpr, min_split_tokens, BLO
 
 @triton.jit
 def _mla_step(
-    q_lat, q_pe, m_i, l_i, acc, kv_rows, n0, end, last, offs_n, offs_r, offs_p, stride_ct, stride_cc, qk_scale,
-    R: tl.constexpr, P: tl.constexpr, EVEN_R: tl.constexpr, EVEN_P: tl.constexpr, MASKED: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q_lat, q_pe, m_i, l_i, acc, cache, table, n0, end, last, offs_n, offs_r, offs_p, stride_cn, stride_ct,
+    stride_cc, qk_scale, PAGE: tl.constexpr, R: tl.constexpr, P: tl.constexpr, EVEN_R: tl.constexpr,
+    EVEN_P: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One BLOCK_N block of cache rows n0..: the latent tile is K (with the rope tile) and V for all M rows."""
+    """One BLOCK_N block of cache positions n0..: the latent tile is K (with the rope tile) and V for all M rows.
+    Position n lives in block table[n // PAGE], row n % PAGE."""
     n = n0 + offs_n
-    key_ok = n < end  # end <= lens[b]: rows at or past lens are never loaded
-    rp = kv_rows + n[:, None] * stride_ct
+    key_ok = n < end  # end <= lens[b]: rows at or past lens are never loaded, nor their table entries
+    if MASKED:
+        block = tl.load(table + n // PAGE, mask=key_ok, other=0)
+    else:
+        block = tl.load(table + n // PAGE)
+    rp = cache + block.to(tl.int64)[:, None] * stride_cn + (n % PAGE).to(tl.int64)[:, None] * stride_ct
     kv = _load_tile(rp + offs_r[None, :] * stride_cc, key_ok, offs_r < R, MASKED, not EVEN_R).to(q_lat.dtype)
     kpe = _load_tile(rp + (R + offs_p)[None, :] * stride_cc, key_ok, offs_p < P, MASKED, not EVEN_P).to(q_pe.dtype)
     s = _dot(q_lat, tl.trans(kv), None, UPCAST, DOT_PRECISION)
@@ -376,10 +384,10 @@ def _mla_step(
 
 @triton.jit
 def _mla_decode_stage1(
-    Q_LAT, Q_PE, CACHE, SLOTS, LENS, OUT, MID_O, MID_LSE, qk_scale, num_heads, min_split_tokens,
+    Q_LAT, Q_PE, CACHE, BLOCK_TABLE, LENS, OUT, MID_O, MID_LSE, qk_scale, num_heads, min_split_tokens,
     stride_qb, stride_qs, stride_qh, stride_qr, stride_pb, stride_ps, stride_ph, stride_pp,
-    stride_cn, stride_ct, stride_cc, stride_ob, stride_os, stride_oh, stride_or,
-    S: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+    stride_cn, stride_ct, stride_cc, stride_tb, stride_ob, stride_os, stride_oh, stride_or,
+    PAGE: tl.constexpr, S: tl.constexpr, R: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr,
     DIRECT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -410,7 +418,7 @@ def _mla_decode_stage1(
     q_lat = _load_tile(q_ptrs + offs_r[None, :] * stride_qr, row_ok, offs_r < R, True, not EVEN_R)
     p_ptrs = Q_PE + b * stride_pb + row_off_p[:, None]
     q_pe = _load_tile(p_ptrs + offs_p[None, :] * stride_pp, row_ok, offs_p < P, True, not EVEN_P)
-    kv_rows = CACHE + tl.load(SLOTS + b) * stride_cn
+    table = BLOCK_TABLE + b * stride_tb
 
     m_i = tl.full([BLOCK_S * BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_S * BLOCK_H], tl.float32)
@@ -420,13 +428,13 @@ def _mla_decode_stage1(
     full_end = start + (tl.maximum(tl.minimum(end, seq_len - S + 1) - start, 0) // BLOCK_N) * BLOCK_N
     for n0 in range(start, full_end, BLOCK_N):
         m_i, l_i, acc = _mla_step(
-            q_lat, q_pe, m_i, l_i, acc, kv_rows, n0, end, last, offs_n, offs_r, offs_p, stride_ct, stride_cc,
-            qk_scale, R, P, EVEN_R, EVEN_P, False, UPCAST, DOT_PRECISION,
+            q_lat, q_pe, m_i, l_i, acc, CACHE, table, n0, end, last, offs_n, offs_r, offs_p, stride_cn, stride_ct,
+            stride_cc, qk_scale, PAGE, R, P, EVEN_R, EVEN_P, False, UPCAST, DOT_PRECISION,
         )
     for n0 in range(full_end, end, BLOCK_N):
         m_i, l_i, acc = _mla_step(
-            q_lat, q_pe, m_i, l_i, acc, kv_rows, n0, end, last, offs_n, offs_r, offs_p, stride_ct, stride_cc,
-            qk_scale, R, P, EVEN_R, EVEN_P, True, UPCAST, DOT_PRECISION,
+            q_lat, q_pe, m_i, l_i, acc, CACHE, table, n0, end, last, offs_n, offs_r, offs_p, stride_cn, stride_ct,
+            stride_cc, qk_scale, PAGE, R, P, EVEN_R, EVEN_P, True, UPCAST, DOT_PRECISION,
         )
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row that saw no position stays 0
@@ -518,15 +526,16 @@ def _decode_plan(q_lat: Tensor, cache: Tensor, cfg: dict) -> dict:
     return plan
 
 
-def mla_decode(q_lat: Tensor, q_pe: Tensor, cache: Tensor, slots: Tensor, lens: Tensor, scale: float,
+def mla_decode(q_lat: Tensor, q_pe: Tensor, cache: Tensor, block_table: Tensor, lens: Tensor, scale: float,
                cfg: dict | None = None, *, out: Tensor | None = None) -> Tensor:
-    """Absorbed MLA decode over the latent cache (split-KV flash decoding).
+    """Absorbed MLA decode over the paged latent cache (split-KV flash decoding).
 
-    q_lat: [B, S, H, R], q_pe: [B, S, H, P] (any strides); cache: [N, L, R+P] (latent first, rope key last, any
-    strides); float32/bfloat16/float16. slots: [B] int cache row per sequence; lens: [B] int tokens in the cache
-    including the S new ones. New token s attends to positions 0 .. lens-S+s with
-    score = (q_lat . cache[t, :R] + q_pe . cache[t, R:]) * scale, softmax in fp32, o = sum_t p_t cache[t, :R].
-    Cache rows at or past lens[b] are never read. A row that sees no position (lens < S) is returned as zeros.
+    q_lat: [B, S, H, R], q_pe: [B, S, H, P] (any strides); cache: [num_blocks, block_size, R+P] (latent first, rope
+    key last, any strides); float32/bfloat16/float16. block_table: [B, max_blocks] int (position t of sequence b is
+    cache[block_table[b, t // block_size], t % block_size]); lens: [B] int tokens in the cache including the S new
+    ones. New token s attends to positions 0 .. lens-S+s with score = (q_lat . kv[t, :R] + q_pe . kv[t, R:]) * scale,
+    softmax in fp32, o = sum_t p_t kv[t, :R]. Cache rows at or past lens[b], and table entries past
+    ceil(lens[b] / block_size), are never read. A row that sees no position (lens < S) is returned as zeros.
     cfg: tuning knobs (module docstring). out: optional [B, S, H, R] q_lat.dtype buffer to fill.
     Returns o_lat [B, S, H, R] in q_lat.dtype. Inputs are not modified.
     """
@@ -546,7 +555,9 @@ def mla_decode(q_lat: Tensor, q_pe: Tensor, cache: Tensor, slots: Tensor, lens: 
     if out.numel() == 0:
         return out
     plan = _decode_plan(q_lat, cache, cfg or {})
-    slots = slots.to(device=q_lat.device, dtype=torch.int64).contiguous()
+    if block_table.dim() != 2 or block_table.shape[0] != bsz:
+        raise ValueError(f"mla_decode: block_table must be [B={bsz}, max_blocks], got {tuple(block_table.shape)}")
+    block_table = block_table.to(device=q_lat.device, dtype=torch.int32).contiguous()
     lens = lens.to(device=q_lat.device, dtype=torch.int64).contiguous()
     max_splits, direct = plan["max_splits"], plan["max_splits"] == 1
     if direct:
@@ -557,9 +568,9 @@ def mla_decode(q_lat: Tensor, q_pe: Tensor, cache: Tensor, slots: Tensor, lens: 
     block_r, block_p = plan["BLOCK_R"], plan["BLOCK_P"]
     c = cfg or {}
     _mla_decode_stage1[(plan["groups"], max_splits, bsz)](
-        q_lat, q_pe, cache, slots, lens, out, mid_o, mid_lse, float(scale) * LOG2E, heads, plan["min_tokens"],
-        *q_lat.stride(), *q_pe.stride(), *cache.stride(), *out.stride(),
-        S=s_new, R=rank, P=rope, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_S=plan["BLOCK_S"],
+        q_lat, q_pe, cache, block_table, lens, out, mid_o, mid_lse, float(scale) * LOG2E, heads, plan["min_tokens"],
+        *q_lat.stride(), *q_pe.stride(), *cache.stride(), block_table.stride(0), *out.stride(),
+        PAGE=cache.shape[1], S=s_new, R=rank, P=rope, BLOCK_R=block_r, BLOCK_P=block_p, BLOCK_S=plan["BLOCK_S"],
         BLOCK_H=plan["BLOCK_H"], BLOCK_N=plan["BLOCK_N"], MAX_SPLITS=max_splits, DIRECT=direct,
         UPCAST=_upcast_dots(c), DOT_PRECISION=plan["dot_precision"],
         **_launch_kwargs(c, plan["num_warps"], plan["num_stages"]),

@@ -10,6 +10,7 @@ Pipeline (vLLM/SGLang fused_moe, made deterministic):
      in float. (Another BLOCK_N writes float32 h, quantised by the activation-quant kernel.)
   4. down kernel: h rows x the expert's down weight; the epilogue multiplies by the routing weight and writes each
      pair's float32 row.
+     Pairs with id -1 (expert parallelism: held by another process) are in no block; their rows are zeroed.
   5. moe_sum: the k rows of each token are summed in slot order in float32 and rounded once to x.dtype.
 FP8 GEMM steps are gemm.scaled_dot (per-128-K promotion with both block scales): cpu_ref.NUMERICS['w8a8'] is the
 specification; float experts follow cpu_ref.moe_experts (h is rounded to x.dtype between the GEMMs).
@@ -261,7 +262,8 @@ def _combine(y: Tensor, top_k: int, out: Tensor, cfg: Mapping[str, Any]) -> None
 def moe_experts(x: Tensor, experts: PreparedExperts, weights: Tensor, ids: Tensor,
                 cfg: Mapping[str, Any] | None = None) -> Tensor:
     """The routed-expert sum (core.ops.moe_experts). x: [T, D] float32/bfloat16/float16 (any row stride);
-    experts: PreparedExperts (FP8 -> W8A8 numerics); weights: [T, k] float32; ids: [T, k] int in [0, E).
+    experts: PreparedExperts (FP8 -> W8A8 numerics); weights: [T, k] float32; ids: [T, k] int in [0, E), or -1
+    for an expert held by another process (no block computes it; its row of the combine is zero).
 
     cfg: `buckets`, a list of {max_tokens, BLOCK_M, gate_up: {BLOCK_N, BLOCK_K, num_warps, num_stages, ...},
     down: {...}} (the first whose max_tokens >= T is used); `quant` (activation-quant config); `sum` (combine:
@@ -284,5 +286,6 @@ def moe_experts(x: Tensor, experts: PreparedExperts, weights: Tensor, ids: Tenso
         xa, xs = x, x  # xs: a dummy, never read
     h, hs = _gate_up(xa, xs, experts, align, top_k, _gemm_tile(bucket, "gate_up", experts.fp8), cfg)
     y = _down(h, hs, experts, weights, align, _gemm_tile(bucket, "down", experts.fp8), cfg)
+    y.masked_fill_(ids.reshape(-1, 1) < 0, 0.0)  # pairs of experts held by another process: never written
     _combine(y, top_k, out, cfg.get("sum", {}))
     return out

@@ -2,7 +2,8 @@
 BLOCK_M-row block of the grouped GEMMs belongs to one expert (vLLM/SGLang `moe_align_block_size`).
 
 Plain device-neutral torch ops with host-known output sizes: no host synchronisation, so it can be captured in a
-CUDA graph. Pair p = t * k + j stands for token t's j-th expert; padding rows hold the sentinel `T * k`.
+CUDA graph. Pair p = t * k + j stands for token t's j-th expert; padding rows hold the sentinel `T * k`. Pairs
+with expert id -1 (held by another process) are left out of every block.
 """
 
 from __future__ import annotations
@@ -35,22 +36,29 @@ def capacity(pairs: int, num_experts: int, block_m: int) -> int:
 
 
 def align_block_size(ids: Tensor, num_experts: int, block_m: int) -> Alignment:
-    """ids: [T, k] int expert ids in [0, num_experts). Returns the Alignment (see the class)."""
+    """ids: [T, k] int expert ids in [0, num_experts), or -1 for an expert held by another process (expert
+    parallelism): such pairs are placed in no block, so no kernel reads or writes them. Returns the Alignment
+    (see the class)."""
     device = ids.device
     flat = ids.reshape(-1).to(torch.int64)
     pairs = flat.numel()
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    key = torch.where(flat < 0, num_experts, flat)  # -1 -> a virtual last expert whose pairs are dropped
+    counts_all = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    counts_all.scatter_add_(0, key, torch.ones_like(key))
+    counts = counts_all[:num_experts]
     padded = (counts + block_m - 1) // block_m * block_m
     ends = torch.cumsum(padded, 0)
     starts = ends - padded
-    first = torch.cumsum(counts, 0) - counts  # index of each expert's first pair in expert-sorted order
-    order = torch.sort(flat, stable=True).indices
-    expert_of = flat[order]
+    first = torch.cumsum(counts_all, 0) - counts_all  # index of each expert's first pair in expert-sorted order
+    order = torch.sort(key, stable=True).indices
+    expert_of = key[order]
     rank = torch.arange(pairs, device=device) - first[expert_of]
     cap = capacity(pairs, num_experts, block_m)
-    sorted_pairs = torch.full((cap,), pairs, dtype=torch.int32, device=device)
-    sorted_pairs[starts[expert_of] + rank] = order.to(torch.int32)
+    local = expert_of < num_experts
+    dest = torch.where(local, starts[expert_of.clamp(max=num_experts - 1)] + rank, cap)  # dropped pairs -> row cap
+    sorted_pairs = torch.full((cap + 1,), pairs, dtype=torch.int32, device=device)
+    sorted_pairs[dest] = order.to(torch.int32)
+    sorted_pairs = sorted_pairs[:cap]
     block_start = torch.arange(0, cap, block_m, device=device)
     block_expert = torch.searchsorted(ends, block_start, right=True)
     block_expert = torch.where(block_start < ends[-1], block_expert, -1).to(torch.int32)

@@ -1,7 +1,9 @@
-"""DeepSeek-V3 noaux_tc routing in one kernel (deepseek_v3_semantics.md §6, cpu_ref.moe_gate):
+"""DeepSeekMoE routing in one kernel (deepseek_v3_semantics.md §6, cpu_ref.moe_gate): V3's noaux_tc and V2's
+greedy / group_limited_greedy.
 
-    s = sigmoid(logits);  c = s + bias                          (bias only selects)
-    group score = sum of the top-2 c of each group;  keep the topk_group best groups;  others -> -inf
+    s = sigmoid(logits) or softmax(logits) over all E;  c = s + bias          (bias only selects)
+    group score = sum of the top-2 c of each group (top2_sum) or its best c (max);  keep the topk_group best
+    groups;  others -> -inf
     ids = top_k experts by c;  weights = s[ids] / (sum + 1e-20) (renorm) * scale
 
 Each program routes BLOCK_T tokens. Experts are laid out as a [G_PAD, S_PAD] tile (group, member), so group
@@ -27,7 +29,8 @@ def _moe_gate_kernel(
     logits_ptr, bias_ptr, w_ptr, ids_ptr,
     T, stride_lt, scale,
     N_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr, TOPK_GROUP: tl.constexpr, TOP_K: tl.constexpr,
-    HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, RENORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, GROUPED: tl.constexpr, RENORM: tl.constexpr, SOFTMAX: tl.constexpr,
+    GROUP_MAX: tl.constexpr,
     BLOCK_T: tl.constexpr, G_PAD: tl.constexpr, S_PAD: tl.constexpr, K_PAD: tl.constexpr,
 ):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -40,7 +43,13 @@ def _moe_gate_kernel(
 
     ptrs = logits_ptr + tokens.to(tl.int64)[:, None, None] * stride_lt + expert[None, :, :]
     logit = tl.load(ptrs, mask=t_ok[:, None, None] & real[None, :, :], other=0.0).to(tl.float32)
-    s = tl.sigmoid(logit)  # [BLOCK_T, G_PAD, S_PAD]
+    if SOFTMAX:  # over the real experts of each token; padding contributes exp(-inf) = 0
+        logit = tl.where(real[None, :, :], logit, neg_inf)
+        row_max = tl.max(tl.max(logit, axis=2), axis=1)  # [BLOCK_T]
+        e = tl.exp(logit - row_max[:, None, None])
+        s = e / tl.sum(tl.sum(e, axis=2), axis=1)[:, None, None]
+    else:
+        s = tl.sigmoid(logit)  # [BLOCK_T, G_PAD, S_PAD]
     choice = s
     if HAS_BIAS:
         choice = s + tl.load(bias_ptr + expert, mask=real, other=0.0).to(tl.float32)[None, :, :]
@@ -50,7 +59,7 @@ def _moe_gate_kernel(
         best = tl.max(choice, axis=2)  # [BLOCK_T, G_PAD]
         first = tl.argmax(choice, axis=2)
         group_score = best
-        if GROUP_SIZE > 1:
+        if GROUP_SIZE > 1 and not GROUP_MAX:
             rest = tl.where(j[None, None, :] == first[:, :, None], neg_inf, choice)
             group_score = best + tl.max(rest, axis=2)
         group_score = tl.where(g[None, :] < N_GROUP, group_score, neg_inf)
@@ -86,8 +95,10 @@ def _moe_gate_kernel(
 
 
 def moe_gate(logits: Tensor, bias: Tensor | None, top_k: int, n_group: int, topk_group: int, scale: float,
-             renorm: bool, cfg: Mapping[str, Any] | None = None) -> tuple[Tensor, Tensor]:
-    """noaux_tc routing. logits: [T, E] float32 (any row stride); bias: [E] float32 or None; E % n_group == 0.
+             renorm: bool, scoring: str = "sigmoid", group_score: str = "top2_sum",
+             cfg: Mapping[str, Any] | None = None) -> tuple[Tensor, Tensor]:
+    """core.ops.moe_gate. logits: [T, E] float32 (any row stride); bias: [E] float32 or None; E % n_group == 0;
+    scoring "sigmoid" | "softmax"; group_score "top2_sum" | "max".
     cfg: BLOCK_T (tokens per program), num_warps. Returns new (weights [T, top_k] float32, ids [T, top_k] int64);
     order inside a row: descending biased score."""
     cfg = cfg or {}
@@ -96,6 +107,8 @@ def moe_gate(logits: Tensor, bias: Tensor | None, top_k: int, n_group: int, topk
     ids = torch.empty(tokens, top_k, dtype=torch.int64, device=logits.device)
     if tokens == 0:
         return weights, ids
+    if scoring not in ("sigmoid", "softmax") or group_score not in ("top2_sum", "max"):
+        raise ValueError(f"moe_gate: scoring {scoring!r} / group_score {group_score!r} is not supported")
     if experts % n_group:
         raise ValueError(f"moe_gate: {experts} experts do not split into {n_group} groups")
     if logits.stride(1) != 1:
@@ -106,7 +119,8 @@ def moe_gate(logits: Tensor, bias: Tensor | None, top_k: int, n_group: int, topk
     _moe_gate_kernel[(triton.cdiv(tokens, block_t),)](
         logits, bias if bias is not None else logits, weights, ids, tokens, logits.stride(0), float(scale),
         N_GROUP=n_group, GROUP_SIZE=group_size, TOPK_GROUP=topk_group, TOP_K=top_k,
-        HAS_BIAS=bias is not None, GROUPED=grouped, RENORM=bool(renorm),
+        HAS_BIAS=bias is not None, GROUPED=grouped, RENORM=bool(renorm), SOFTMAX=scoring == "softmax",
+        GROUP_MAX=group_score == "max",
         BLOCK_T=block_t, G_PAD=next_pow2(n_group), S_PAD=next_pow2(group_size), K_PAD=next_pow2(top_k),
         **launch_options(cfg, num_warps=4, num_stages=1),
     )

@@ -76,3 +76,14 @@ class BlockPool:
         for b in blocks:
             self._used.remove(b)
             heapq.heappush(self._free, b)
+
+    def grow(self, extra: int) -> list[int]:
+        """Add `extra` free blocks with the next ids (num_blocks .. num_blocks+extra-1) and return their ids; the
+        caller grows the cache tensors to match (core.batch.PagedCache.grow). For a pool without a fixed budget."""
+        if extra < 0:
+            raise ValueError(f"cannot grow by {extra} blocks")
+        new = list(range(self.num_blocks, self.num_blocks + extra))
+        self.num_blocks += extra
+        for b in new:
+            heapq.heappush(self._free, b)
+        return new

@@ -1,8 +1,7 @@
 """A checkpoint's `generation_config.json`, read as sampling defaults.
 
-`read_json_object` is the one place this module reads JSON: it refuses anything but a regular file (a FIFO or a
-device would block the reader), refuses files over `MAX_JSON_BYTES` before parsing, and turns every failure
-(unreadable, not UTF-8, invalid, too deeply nested, not an object) into one `CheckpointError` line naming the file.
+`read_json_object` is the one place this module reads JSON, through `core.safe_files` (contained, regular files
+only, size and depth bounded before parsing, one `CheckpointError` line naming the file for every failure).
 
 `sampling_defaults` maps the Hugging Face fields onto `SamplingParams` field names:
 
@@ -18,13 +17,12 @@ Other keys (`bos_token_id`, `transformers_version`, `_from_model_config`, ...) a
 
 from __future__ import annotations
 
-import json
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
 from core.errors import CheckpointError
+from core.safe_files import containment_root, quote_name, read_json_file, resolve_inside
 
 MAX_JSON_BYTES = 4 * 1024 * 1024  # a generation_config.json is a few hundred bytes; refuse anything absurd
 
@@ -33,37 +31,15 @@ _SAME_NAME = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 def read_json_object(path: str | os.PathLike, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
-    """Parse a JSON file whose top level must be an object, with its size bounded before parsing.
-
-    Raises CheckpointError (one line naming `path`) when the file is missing, not a regular file, larger than
-    `max_bytes`, unreadable, not UTF-8, invalid or too deeply nested JSON, or not an object."""
+    """Parse a JSON file whose top level must be an object, through `core.safe_files` (contained in its
+    directory, regular files only, size and nesting bounded before parsing). Raises CheckpointError, one line
+    naming `path`, for anything else."""
     path = Path(path)
-    where = repr(str(path))
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{where}: not found") from None
-    except OSError as e:
-        raise CheckpointError(f"{where}: cannot read ({e.strerror or e})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f"{where}: not a regular file")
-    if st.st_size > max_bytes:
-        raise CheckpointError(f"{where}: {st.st_size} bytes, more than the {max_bytes} a JSON file may have here")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(max_bytes + 1)  # the file may have grown since stat
-    except OSError as e:
-        raise CheckpointError(f"{where}: cannot read ({e.strerror or e})") from None
-    if len(raw) > max_bytes:
-        raise CheckpointError(f"{where}: more than the {max_bytes} bytes a JSON file may have here")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise CheckpointError(f"{where}: not UTF-8 text") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{where}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except RecursionError:
-        raise CheckpointError(f"{where}: JSON nested too deeply") from None
+    where = quote_name(str(path))
+    if not os.path.lexists(path):
+        raise CheckpointError(f"{where}: not found")
+    inside = resolve_inside(containment_root(path.parent), path.parent, path.name, quote_name(str(path.parent)))
+    data = read_json_file(inside, max_bytes, what=where)
     if not isinstance(data, dict):
         raise CheckpointError(f"{where}: expected a JSON object, got {type(data).__name__}")
     return data

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from emulation.torch_npu import paged_kv as paged
 from emulation.torch_npu._common import (HALF_DTYPES, dtype_name, not_emulated, omitted_float, reject, require,
                                           strict_require, was_omitted)
 
@@ -52,7 +53,7 @@ def npu_fused_infer_attention_score(
     """
     _reject_unmodelled(pse_shift=pse_shift, dequant_scale1=dequant_scale1, quant_scale1=quant_scale1,
                        dequant_scale2=dequant_scale2, quant_scale2=quant_scale2, quant_offset2=quant_offset2,
-                       antiquant_scale=antiquant_scale, antiquant_offset=antiquant_offset, block_table=block_table,
+                       antiquant_scale=antiquant_scale, antiquant_offset=antiquant_offset,
                        query_padding_size=query_padding_size, kv_padding_size=kv_padding_size,
                        key_antiquant_scale=key_antiquant_scale, key_antiquant_offset=key_antiquant_offset,
                        value_antiquant_scale=value_antiquant_scale, value_antiquant_offset=value_antiquant_offset,
@@ -77,6 +78,24 @@ def npu_fused_infer_attention_score(
     nkv = num_key_value_heads or num_heads
     require(num_heads % nkv == 0, OP, f"num_heads={num_heads} is not a multiple of num_key_value_heads={nkv}")
     require(num_heads <= 256, OP, f"num_heads={num_heads} exceeds 256")
+
+    if block_table is not None:  # paged KV: key/value/key_rope are the caches; gather them densely (paged_kv.py)
+        if in_layout in ("TND", "NTD"):
+            not_emulated(OP, f"paged KV with layout {in_layout}")
+        paged.check_table(block_table, query.shape[0], actual_seq_lengths_kv)
+        mla_absorbed = query_rope is not None and query.shape[-1] == 512
+        q_s = query.shape[2] if in_layout == "BNSD" else query.shape[1]
+        paged.check_block_size(block_size, mla_absorbed, q_s == 1)
+        lengths = _per_batch("actual_seq_lengths_kv", actual_seq_lengths_kv, query.shape[0], 1 << 30)
+
+        def unpage(t: Tensor, name: str) -> Tensor:
+            return paged.unpage(t, name, block_table, block_size, lengths, in_layout, nkv)
+        dense_key = unpage(key, "key")
+        value = dense_key if value is key else unpage(value, "value")  # absorbed MLA: one latent cache for both
+        key = dense_key
+        key_rope = None if key_rope is None else unpage(key_rope, "key_rope")
+    else:
+        require(block_size == 0, OP, f"block_size={block_size} without a block_table")
 
     varlen = in_layout in ("TND", "NTD")
     q = _heads_major(query, in_layout, num_heads, "query")

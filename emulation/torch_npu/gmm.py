@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from emulation.torch_npu._common import dtype_name, not_emulated, reject, require, strict_require
+from emulation.torch_npu._common import CONFIG, dtype_name, not_emulated, reject, require
 
 MAX_LIST = 128
 MAX_GROUPS = 1024
@@ -53,7 +53,8 @@ def npu_grouped_matmul(x: list[Tensor], weight: list[Tensor], *, bias: list[Tens
     """MoE form (group_type=0): x=[(M, K)], weight=[(E, K, N)] (K x N: TRANSPOSED relative to nn.Linear; a
     transposed view is fine) or E tensors (K, N); group_list int64 Tensor: type 0 = cumsum of group sizes (end
     offsets, last == M), type 1 = per-group counts (sum == M), type 2 = (E, 2) [group id, count] (int8 only).
-    Rows [end_{g-1}, end_g) are multiplied by weight g; rows past the covered total stay zero.
+    Rows [end_{g-1}, end_g) are multiplied by weight g; rows past the covered total (the pairs init_routing_v2
+    dropped: expert-parallel ids outside active_expert_range, -1 padding) are undefined: zero, NaN in strict mode.
     Plain form (group_type None/-1, no group_list): x[i] @ weight[i] for each pair.
     dtypes: bf16 x bf16 (bias fp32), fp16 x fp16 (bias fp16), fp32 x fp32; int8 x int8 with scale [(E, N)]
     fp32/bf16 and per_token_scale [(M,)] fp32, output_dtype bf16/fp16, or int32 for the raw accumulator.
@@ -103,8 +104,6 @@ def npu_grouped_matmul(x: list[Tensor], weight: list[Tensor], *, bias: list[Tens
     m = xm.shape[0]
     total = ends[-1] if ends else 0
     require(total <= m, op, f"group_list covers {total} rows but x has {m}")
-    strict_require(total == m, op, f"group_list covers {total} of x's {m} rows (type {group_list_type}: "
-                                   f"{'last value' if group_list_type == 0 else 'sum'} must equal M)")
     k = xm.shape[1]
     require(all(w.shape[0] == k for w in weights), op,
             f"x has K={k} but weight is {tuple(weights[0].shape)}: weights must be (K, N) per group, i.e. [E, K, N]")
@@ -119,6 +118,8 @@ def npu_grouped_matmul(x: list[Tensor], weight: list[Tensor], *, bias: list[Tens
         full[start:end] = y
         pieces.append(y)
         start = end
+    if CONFIG.strict and total < m and full.is_floating_point():
+        full[total:] = float("nan")  # rows past the group list (experts dropped by init_routing): undefined
     return [full] if split_item in (2, 3) else pieces
 
 

@@ -159,12 +159,12 @@ def npu_moe_finalize_routing(expanded_permuted_rows: Tensor, skip1: Tensor | Non
     idx = idx.view(kk, n).t() if drop_pad_mode == 0 else idx.view(n, kk)
     require(bool((idx < rows.shape[0]).all()) and bool((idx >= -1).all()), op, "row index out of range")
     live = idx >= 0
-    gathered = rows.float()[idx.clamp(min=0)] * live[..., None]
+    gathered = torch.where(live[..., None], rows.float()[idx.clamp(min=0)], 0.0)  # -1: nothing, even over NaN
     if bias is not None:
         require(export_for_source_row is not None and tuple(export_for_source_row.shape) == (n, kk), op,
                 "bias needs export_for_source_row (N, K)")
         require(bias.dim() == 2 and bias.shape[1] == h, op, "bias must be (E, H)")
-        gathered = gathered + bias.float()[export_for_source_row.long()] * live[..., None]
+        gathered = gathered + torch.where(live[..., None], bias.float()[export_for_source_row.long()], 0.0)
     weights = scales.float()[..., None] if scales is not None else 1.0
     out = (gathered * weights).sum(dim=1)
     if skip1 is not None:

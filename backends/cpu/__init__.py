@@ -1,0 +1,54 @@
+"""cpu: the fast CPU backend (started from `python -m conformance new-backend cpu`).
+
+Weights are dequantised once at load into the dtype their GEMM runs in (weights.py); `linear` and the experts run on
+torch's oneDNN GEMMs, the MoE groups tokens by expert (one GEMM pair per active expert per call), prefill runs on
+torch's fused SDPA and the absorbed paged MLA decode as two float32 bmm over one batched gather of the cache rows. The elementwise operators and the router reuse cpu_ref's
+PyTorch code (already vectorised; not where the time goes). cpu_ref stays the specification conformance compares
+with; this backend is the default when no backend is named and no accelerator is present (core/registry.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from core.backend import Availability, Backend, RunMode
+
+from . import machine
+from .ops.rms_norm import rms_norm
+from .ops.add_rms_norm import add_rms_norm
+from .ops.apply_rope import apply_rope
+from .ops.linear import linear
+from .ops.silu_and_mul import silu_and_mul
+from .ops.attention_prefill import attention_prefill
+from .ops.mla_decode import mla_decode
+from .ops.moe_gate import moe_gate
+from .ops.moe_experts import moe_experts
+from .weights import prepare_experts, prepare_linear
+
+
+def probe(mode: RunMode) -> Availability:
+    """Always available (any CPU torch runs on); sets torch's intra-op threads from the machine (tuning.yaml)."""
+    if torch.get_num_threads() != machine.threads():
+        torch.set_num_threads(machine.threads())
+    return Availability(True, device=torch.device("cpu"), environment={"device_name": f"CPU ({machine.describe()})"})
+
+
+BACKEND = Backend(
+    name="cpu",
+    device_type="cpu",
+    dist_backend="gloo",
+    probe=probe,
+    ops={
+        "rms_norm": rms_norm,
+        "add_rms_norm": add_rms_norm,
+        "apply_rope": apply_rope,
+        "linear": linear,
+        "silu_and_mul": silu_and_mul,
+        "attention_prefill": attention_prefill,
+        "mla_decode": mla_decode,
+        "moe_gate": moe_gate,
+        "moe_experts": moe_experts,
+    },
+    prepare_linear=prepare_linear,
+    prepare_experts=prepare_experts,
+)

@@ -1,0 +1,57 @@
+"""What this CPU offers the cpu backend: its ISA flags, the dtype to keep bfloat16 weights in, and the thread count.
+
+The choices are data (backends/cpu/tuning.yaml); this module only reads the machine and applies them."""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+import yaml
+
+TUNING = Path(__file__).resolve().parent / "tuning.yaml"
+
+
+@functools.lru_cache(maxsize=1)
+def tuning() -> dict:
+    return yaml.safe_load(TUNING.read_text())
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The ISA flags of the first CPU in /proc/cpuinfo (empty where there is no such file)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def native_bf16() -> bool:
+    """Whether oneDNN multiplies bfloat16 in hardware here (avx512_bf16 or AMX)."""
+    return bool(cpu_flags() & set(tuning()["bf16_native_flags"]))
+
+
+def weight_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a float weight of `dtype` is kept in: bfloat16 stays bfloat16 only where it is native."""
+    if dtype == torch.bfloat16 and not native_bf16():
+        return torch.float32
+    return dtype
+
+
+def threads() -> int:
+    """torch's intra-op thread count for this process (tuning.yaml `threads`, "auto" = CPUs it may run on)."""
+    want = tuning().get("threads", "auto")
+    if want == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return int(want)
+
+
+def describe() -> str:
+    """One line for reports: ISA, bf16 support, threads."""
+    return (f"{torch.backends.cpu.get_cpu_capability()}, bf16 {'native' if native_bf16() else 'emulated'}, "
+            f"{torch.get_num_threads()} threads")

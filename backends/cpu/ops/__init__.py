@@ -1,0 +1,1 @@
+"""cpu: one file per operator."""

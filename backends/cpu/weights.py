@@ -1,0 +1,78 @@
+"""Weight preparation for the cpu backend: every weight dequantised ONCE at load into the dtype its GEMM runs in.
+
+FP8 weights (e4m3fn codes with 128x128 block scales) are dequantised to float32 exactly as cpu_ref's `linear`
+does on every call (code times scale, one float32 rounding), so the numerics class `reference` holds bit for bit.
+Float weights keep their dtype, except bfloat16 on a CPU without a bf16 dot product, which is widened to float32
+(machine.weight_dtype): lossless, and faster there. Experts are stacked with gate and up fused, so one GEMM per
+expert computes both."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from backends.cpu.machine import weight_dtype
+from core.fp8 import dequantize_blocks
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
+
+
+@dataclass(frozen=True)
+class CpuLinear:
+    """weight: [N, K] contiguous, float32 / bfloat16 / float64 (what the GEMM multiplies, no per-call cast)."""
+
+    weight: Tensor
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+
+@dataclass(frozen=True)
+class CpuExperts:
+    """w13: [E, 2I, D] (gate rows first, then up); w2: [E, D, I]; both contiguous, in one GEMM dtype."""
+
+    w13: Tensor
+    w2: Tensor
+
+    @property
+    def num_experts(self) -> int:
+        return self.w13.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.w13.shape[2]
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.w2.shape[2]
+
+
+def _dense(weight: Tensor, scale_inv: Tensor | None) -> Tensor:
+    """A checkpoint weight [..., N, K] (FP8 + scales [..., ceil(N/128), ceil(K/128)], or float) as a dense tensor."""
+    if weight.dtype in FP8_DTYPES:
+        if scale_inv is None:
+            raise ValueError(f"cpu: an FP8 weight of shape {tuple(weight.shape)} came without its scale_inv")
+        if weight.dim() == 2:
+            return dequantize_blocks(weight, scale_inv, torch.float32)
+        return torch.stack([dequantize_blocks(w, s, torch.float32) for w, s in zip(weight, scale_inv)])
+    return weight.to(weight_dtype(weight.dtype))
+
+
+def prepare_linear(weight: Tensor, scale_inv: Tensor | None) -> CpuLinear:
+    """weight [N, K] FP8 (+ scale_inv [ceil(N/128), ceil(K/128)] float32) or float -> CpuLinear, dequantised once."""
+    return CpuLinear(_dense(weight, scale_inv).contiguous())
+
+
+def prepare_experts(gate: Tensor, gate_scale: Tensor | None, up: Tensor, up_scale: Tensor | None, down: Tensor,
+                    down_scale: Tensor | None) -> CpuExperts:
+    """gate, up [E, I, D], down [E, D, I] (FP8 + scales [E, rows/128, cols/128], or float) -> CpuExperts."""
+    g, u, d = _dense(gate, gate_scale), _dense(up, up_scale), _dense(down, down_scale)
+    dtype = torch.promote_types(torch.promote_types(g.dtype, u.dtype), d.dtype)
+    return CpuExperts(torch.cat((g, u), dim=1).to(dtype).contiguous(), d.to(dtype).contiguous())

@@ -1,0 +1,123 @@
+"""The cpu backend's own promises, beyond what conformance judges: weights dequantised once and exactly, the MoE's
+expert-parallel -1 ids, the paged decode never touching blocks the table does not name (NaN-poisoned), the weight
+dtype chosen from the CPU's flags, and the default-backend rule. Float64 golden values are computed independently
+(element loops, tests/paged_support.golden_decode); fresh random inputs every run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backends.cpu import machine
+from backends.cpu.ops.attention_prefill import attention_prefill
+from backends.cpu.ops.linear import linear
+from backends.cpu.ops.mla_decode import mla_decode
+from backends.cpu.ops.moe_experts import moe_experts
+from backends.cpu.weights import prepare_experts, prepare_linear
+from core import registry
+from core.fp8 import quantize_blocks
+from tests.helpers import fresh_seed
+from tests.paged_support import decode_inputs, golden_decode
+
+F64 = torch.float64
+
+
+@pytest.fixture
+def g():
+    return torch.Generator().manual_seed(fresh_seed())
+
+
+def rel(got: torch.Tensor, golden: torch.Tensor) -> float:
+    return float((got.to(F64) - golden).norm() / golden.norm())
+
+
+def test_fp8_linear_is_dequantised_once_at_load_as_the_reference_does(g):
+    w = torch.randn(200, 130, generator=g)  # partial 128-blocks on both axes
+    codes, scale = quantize_blocks(w)
+    prepared = prepare_linear(codes, scale)
+    assert prepared.weight.dtype == torch.float32 and prepared.weight.is_contiguous()
+    expanded = scale.repeat_interleave(128, 0)[:200].repeat_interleave(128, 1)[:, :130]
+    assert torch.equal(prepared.weight, codes.float() * expanded), "cpu_ref's float32 dequantisation, bit for bit"
+    exact = codes.to(F64) * expanded.to(F64)
+    x = torch.randn(7, 130, generator=g, dtype=F64)
+    golden = x @ exact.T
+    assert rel(linear(x.float(), prepared), golden) < 2e-6
+    y = linear(x.to(torch.bfloat16), prepared)
+    assert y.dtype == torch.bfloat16 and rel(y, x.to(torch.bfloat16).to(F64) @ exact.T) < 8e-3
+
+
+def test_bf16_weights_widened_only_without_native_bf16(monkeypatch):
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert prepare_linear(torch.ones(4, 4, dtype=torch.bfloat16), None).weight.dtype == torch.float32
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert prepare_linear(torch.ones(4, 4, dtype=torch.bfloat16), None).weight.dtype == torch.bfloat16
+    assert prepare_linear(torch.ones(4, 4, dtype=torch.float32), None).weight.dtype == torch.float32
+
+
+def golden_moe(x, gate, up, down, weights, ids):
+    """Token by token, slot by slot, in float64; an id of -1 contributes nothing."""
+    out = torch.zeros(x.shape, dtype=F64)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if e < 0:
+                continue
+            xt = x[t].to(F64)
+            h = torch.nn.functional.silu(gate[e].to(F64) @ xt) * (up[e].to(F64) @ xt)
+            out[t] += float(weights[t, j]) * (down[e].to(F64) @ h)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_experts_groups_by_expert_and_skips_minus_one(g, dtype):
+    e, d, i, tokens, k = 6, 40, 24, 11, 3
+    gate, up = torch.randn(e, i, d, generator=g) / d ** 0.5, torch.randn(e, i, d, generator=g) / d ** 0.5
+    down = torch.randn(e, d, i, generator=g) / i ** 0.5
+    x = torch.randn(tokens, d, generator=g)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(tokens)])
+    ids[::3, 0] = -1  # experts held by another process
+    ids[4, :] = -1  # a token with no local expert at all
+    weights = torch.rand(tokens, k, generator=g)
+    experts = prepare_experts(gate.to(dtype), None, up.to(dtype), None, down.to(dtype), None)
+    got = moe_experts(x.to(dtype), experts, weights, ids)
+    assert got.dtype == dtype and got.shape == x.shape
+    golden = golden_moe(x.to(dtype), gate.to(dtype), up.to(dtype), down.to(dtype), weights, ids)
+    assert torch.equal(got[4], torch.zeros(d, dtype=dtype))
+    assert rel(got, golden) < (2e-6 if dtype == torch.float32 else 8e-3)
+
+
+@pytest.mark.parametrize("block_size,s_new", [(16, 1), (4, 2), (64, 1)])
+def test_mla_decode_reads_only_named_blocks(g, block_size, s_new):
+    lens = [int(v) for v in torch.randint(s_new, 70, (5,), generator=g)]
+    q_lat, q_pe, cache, table, lens_t = decode_inputs(lens, s_new, heads=3, rank=32, rope=8, block_size=block_size,
+                                                      seed=fresh_seed())
+    got = mla_decode(q_lat, q_pe, cache, table, lens_t, 0.3)
+    assert torch.isfinite(got).all(), "a NaN block or a row past lens was read"
+    assert rel(got, golden_decode(q_lat, q_pe, cache, table, lens_t, 0.3)) < 2e-6
+
+
+def test_attention_prefill_bottom_right_causal_with_prefix(g):
+    h, dqk, dv = 2, 12, 8
+    lq, lk = [3, 0, 5], [7, 2, 5]
+    q = torch.randn(sum(lq), h, dqk, generator=g)
+    k, v = torch.randn(sum(lk), h, dqk, generator=g), torch.randn(sum(lk), h, dv, generator=g)
+    cu_q = torch.tensor([0, 3, 3, 8], dtype=torch.int32)
+    cu_k = torch.tensor([0, 7, 9, 14], dtype=torch.int32)
+    got = attention_prefill(q, k, v, cu_q, cu_k, 0.5)
+    golden = torch.empty(sum(lq), h, dv, dtype=F64)
+    for b in range(3):
+        for i in range(lq[b]):
+            row = int(cu_q[b]) + i
+            keys = range(int(cu_k[b]), int(cu_k[b]) + lk[b] - lq[b] + i + 1)
+            for hh in range(h):
+                s = torch.stack([q[row, hh].double() @ k[j, hh].double() for j in keys]) * 0.5
+                golden[row, hh] = torch.softmax(s, 0) @ torch.stack([v[j, hh].double() for j in keys])
+    assert rel(got, golden) < 2e-6
+
+
+def test_default_backend_is_cpu_without_an_accelerator(monkeypatch):
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    assert registry.default_backend()[0] == "cpu"
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda: torch.device("cuda"))
+    assert registry.default_backend()[0] == registry.REFERENCE

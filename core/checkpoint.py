@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Iterable, Protocol
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from core.config import ModelConfig
@@ -95,6 +94,7 @@ class TensorInfo:
     shape: tuple[int, ...]
     start: int
     end: int
+    base: int = 0  # where the data section starts in the file (8 + header length)
 
 
 def read_safetensors_header(path: Path, what: str) -> dict[str, TensorInfo]:
@@ -151,7 +151,7 @@ def read_safetensors_header(path: Path, what: str) -> dict[str, TensorInfo]:
         if offsets[1] - offsets[0] != need:
             raise CheckpointError(f"{bad}: shape {shape} x {code} needs {need} bytes, data_offsets hold "
                                   f"{offsets[1] - offsets[0]}")
-        infos[name] = TensorInfo(dtype, code, tuple(shape), offsets[0], offsets[1])
+        infos[name] = TensorInfo(dtype, code, tuple(shape), offsets[0], offsets[1], 8 + length)
     spans = sorted((i.start, i.end, n) for n, i in infos.items() if i.end > i.start)
     for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
         if start_b < end_a:
@@ -183,7 +183,6 @@ class DirectoryCheckpoint:
         self.directory = directory
         self.root = containment_root(directory)
         self.description = str(directory)
-        self._handles: dict[Path, object] = {}
         self._shards: dict[str, Path] = {}  # a file name as the index spells it -> its real path
         self._headers: dict[Path, dict[str, TensorInfo]] = {}
         self._weight_map = self._read_index()
@@ -242,15 +241,37 @@ class DirectoryCheckpoint:
             if name not in self._header(shard):
                 raise CheckpointError(f"{shown}: maps {quote_name(name)} to {quote_name(shard)}, which lacks it")
 
-    def _open(self, shard: str):
-        path = self._shards[shard]
-        if path not in self._handles:
-            try:
-                self._handles[path] = safe_open(str(path), framework="pt", device="cpu")
-            except (SafetensorError, OSError, MemoryError, RuntimeError) as e:
-                raise CheckpointError(f"{self._show(shard)}: cannot map the safetensors file "
-                                      f"({os_reason(e)})") from None
-        return self._handles[path]
+    def _pread(self, name: str, offset: int, count: int) -> bytearray:
+        """`count` bytes of tensor `name` from byte `offset` of its data, read with pread at the validated header's
+        offsets: no memory map, so an I/O error, or a file cut short after its header was checked, is one line
+        naming the shard (a mapped read would end the process with SIGBUS)."""
+        shard = self._weight_map[name]
+        info = self._header(shard)[name]
+        shown = self._show(shard)
+        buf = bytearray(count)
+        view, got = memoryview(buf), 0
+        fd = open_regular(self._shards[shard], shown)
+        try:
+            while got < count:
+                n = os.preadv(fd, [view[got:]], info.base + info.start + offset + got)
+                if n == 0:
+                    raise CheckpointError(f"{shown}: cut short while reading tensor {quote_name(name)} (the file "
+                                          f"changed after its header was checked)")
+                got += n
+        except OSError as e:
+            raise CheckpointError(f"{shown}: cannot read tensor {quote_name(name)} ({os_reason(e)})") from None
+        finally:
+            os.close(fd)
+        return buf
+
+    def _tensor(self, name: str, data: bytearray, shape: tuple[int, ...]) -> Tensor:
+        info = self._header(self._weight_map[name])[name]
+        if info.dtype is None:
+            raise CheckpointError(f"{self.where(name)}: tensor {quote_name(name)} has dtype {info.dtype_code}, which "
+                                  f"this project does not read")
+        if not data:
+            return torch.empty(shape, dtype=info.dtype)
+        return torch.frombuffer(data, dtype=info.dtype).reshape(shape)
 
     def has(self, name: str) -> bool:
         return name in self._weight_map
@@ -267,37 +288,28 @@ class DirectoryCheckpoint:
         return info.shape, info.dtype
 
     def read(self, name: str) -> Tensor:
-        shard = self._weight_map[name]
-        handle = self._open(shard)
-        try:
-            return handle.get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError, TypeError, ValueError, MemoryError) as e:
-            raise CheckpointError(f"{self._show(shard)}: cannot read tensor {quote_name(name)} "
-                                  f"({os_reason(e)})") from None
-
-    def _handle(self, name: str):
-        shard = self._weight_map[name]
-        handle = self._open(shard)
-        if name not in handle.keys():
-            raise CheckpointError(f"{self.directory / INDEX_FILE}: maps '{name}' to '{shard}', which lacks it")
-        return handle, shard
+        info = self._header(self._weight_map[name])[name]
+        return self._tensor(name, self._pread(name, 0, info.end - info.start), info.shape)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        """The stored shape, from the file's header (nothing read)."""
-        handle, shard = self._handle(name)
-        try:
-            return tuple(handle.get_slice(name).get_shape())
-        except (SafetensorError, OSError, RuntimeError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{self.directory / shard}: cannot read tensor '{name}' ({e})") from None
+        """The stored shape, from the validated header (nothing read)."""
+        return self._header(self._weight_map[name])[name].shape
 
     def read_slice(self, name: str, dim: int, start: int, stop: int) -> Tensor:
-        """Rows (dim 0) or columns (dim 1) [start, stop) of a tensor, reading only those bytes' pages."""
-        handle, shard = self._handle(name)
-        try:
-            part = handle.get_slice(name)
-            return part[start:stop] if dim == 0 else part[:, start:stop]
-        except (SafetensorError, OSError, RuntimeError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{self.directory / shard}: cannot read tensor '{name}' ({e})") from None
+        """Rows (dim 0) or columns (dim 1, of a 2-D tensor) [start, stop) of a tensor, reading only those bytes."""
+        info = self._header(self._weight_map[name])[name]
+        shape, item = info.shape, (info.end - info.start) // max(math.prod(info.shape), 1)
+        if dim not in (0, 1) or (dim == 1 and len(shape) != 2) or not 0 <= start <= stop <= shape[dim]:
+            raise CheckpointError(f"{self.where(name)}: cannot take [{start}:{stop}] along dim {dim} of tensor "
+                                  f"{quote_name(name)} of shape {list(shape)}")
+        if dim == 0:
+            row = math.prod(shape[1:]) * item
+            return self._tensor(name, self._pread(name, start * row, (stop - start) * row),
+                                (stop - start, *shape[1:]))
+        width, data = (stop - start) * item, bytearray()
+        for r in range(shape[0]):  # one pread per row: only this rank's columns are read
+            data += self._pread(name, (r * shape[1] + start) * item, width)
+        return self._tensor(name, data, (shape[0], stop - start))
 
 
 class MemoryCheckpoint:

@@ -217,15 +217,41 @@ def test_shape_checked_from_the_header_before_the_tensor_is_read(ckpt, monkeypat
     assert "shape" in one_line_error(lambda: load_ours(ckpt), CheckpointError)
 
 
-def test_failed_memory_map_is_one_line_naming_the_shard(ckpt, monkeypatch):
+def test_an_io_error_while_reading_is_one_line_naming_the_shard(ckpt, monkeypatch):
+    """Tensors are read with pread at the validated offsets (no memory map, whose failures are SIGBUS)."""
+    import errno
+
     import core.checkpoint
 
-    def no_address_space(*a, **k):
-        raise OSError(12, "Cannot allocate memory")
+    def failing_disk(*a, **k):
+        raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(core.checkpoint, "safe_open", no_address_space)
+    monkeypatch.setattr(core.checkpoint.os, "preadv", failing_disk)
     refused(run_main("core.run", "--model", str(ckpt), "--prompt-ids", "0,5"), "model.safetensors",
-            "Cannot allocate memory")
+            "Input/output error")
+
+
+def test_a_shard_cut_short_after_its_header_was_checked_is_one_line(ckpt):
+    source = DirectoryCheckpoint(ckpt)  # every header validated against the file as it was
+    shard = ckpt / "model.safetensors"
+    with open(shard, "r+b") as f:  # another process truncates the file: a mapped read would be SIGBUS
+        f.truncate(shard.stat().st_size // 2)
+    msg = one_line_error(lambda: [source.read(n) for n in source.names()], CheckpointError)
+    assert "model.safetensors" in msg and "cut short" in msg
+
+
+def test_pread_reads_exactly_what_safetensors_reads(ckpt):
+    def same_bytes(a, b):
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
+            a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))
+
+    source = DirectoryCheckpoint(ckpt)
+    want = load_file(str(ckpt / "model.safetensors"))
+    for name in source.names():
+        assert same_bytes(source.read(name), want[name]), name
+        if want[name].dim() == 2 and want[name].shape[1] > 3:
+            assert same_bytes(source.read_slice(name, 1, 1, 3), want[name][:, 1:3]), name
+            assert same_bytes(source.read_slice(name, 0, 1, 2), want[name][1:2]), name
 
 
 # -- config values -----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from backends.cpu.ops.moe_experts import moe_experts
 from backends.cpu.weights import prepare_experts, prepare_linear
 from core import registry
 from core.fp8 import quantize_blocks
-from tests.helpers import fresh_seed
+from tests.helpers import fresh_seed, golden_moe
 from tests.paged_support import decode_inputs, golden_decode
 
 F64 = torch.float64
@@ -54,18 +54,6 @@ def test_bf16_weights_widened_only_without_native_bf16(monkeypatch):
     assert prepare_linear(torch.ones(4, 4, dtype=torch.float32), None).weight.dtype == torch.float32
 
 
-def golden_moe(x, gate, up, down, weights, ids):
-    """Token by token, slot by slot, in float64; an id of -1 contributes nothing."""
-    out = torch.zeros(x.shape, dtype=F64)
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            if e < 0:
-                continue
-            xt = x[t].to(F64)
-            h = torch.nn.functional.silu(gate[e].to(F64) @ xt) * (up[e].to(F64) @ xt)
-            out[t] += float(weights[t, j]) * (down[e].to(F64) @ h)
-    return out
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

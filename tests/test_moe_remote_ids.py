@@ -13,7 +13,7 @@ from tests.triton_support import poisoned_allocations, rel_err  # noqa: I001  (s
 from backends import cpu_ref
 from core.fp8 import quantize_blocks
 from core.ops import ExpertWeights
-from tests.helpers import fresh_seed
+from tests.helpers import fresh_seed, golden_moe
 
 F64 = torch.float64
 
@@ -40,18 +40,6 @@ def routing_with_remote(g, tokens, e, k, remote_fraction=0.4):
     return weights, ids
 
 
-def golden(x, gate, up, down, weights, ids):
-    """float64, token by token, slot by slot: the contract's sum with -1 slots skipped."""
-    out = torch.zeros(x.shape, dtype=F64)
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            if e < 0:
-                continue
-            xt = x[t].double()
-            h = torch.nn.functional.silu(gate[e].double() @ xt) * (up[e].double() @ xt)
-            out[t] += float(weights[t, j]) * (down[e].double() @ h)
-    return out
 
 
 def split_experts(ids, lo, hi):
@@ -66,7 +54,7 @@ def test_cpu_ref_skips_remote_ids_against_float64_golden(g):
     weights, ids = routing_with_remote(g, tokens, e, k)
     weights = weights.double()
     got = cpu_ref.moe_experts(x, ExpertWeights(gate, up, down), weights, ids)
-    assert torch.allclose(got, golden(x, gate, up, down, weights, ids), rtol=1e-12, atol=1e-13)
+    assert torch.allclose(got, golden_moe(x, gate, up, down, weights, ids), rtol=1e-12, atol=1e-13)
     assert torch.equal(got[1], torch.zeros(d, dtype=F64)), "a row of only -1 ids gives 0"
     assert cpu_ref.moe_experts(x, ExpertWeights(gate, up, down), weights, torch.full_like(ids, -1)).abs().max() == 0
 
@@ -136,7 +124,7 @@ def test_triton_moe_experts_skip_remote_ids(g, fp8):
         ref = cpu_ref.NUMERICS["w8a8"]["moe_experts"](x, ExpertWeights(*raw[0::2], *raw[1::2]), weights, ids)
     else:
         raw = [gate, None, up, None, down, None]
-        ref = golden(x, gate, up, down, weights, ids).float()
+        ref = golden_moe(x, gate, up, down, weights, ids).float()
     with poisoned_allocations():
         got = tk.moe_experts(x, tk.prepare_experts(*raw), weights, ids, cfg={"dot_fp32": True})
     assert not got.isnan().any(), "a skipped pair's row leaked into the combine"
@@ -162,10 +150,10 @@ def test_ascend_moe_experts_skip_remote_ids(g, fp8):
     if fp8:
         raw = [t for w in (gate, up, down) for t in quantize_blocks(w)]
         as_bf16 = [dequantize_blocks(w, s, torch.bfloat16) for w, s in zip(raw[0::2], raw[1::2])]
-        ref = golden(x, *as_bf16, weights, ids).float()
+        ref = golden_moe(x, *as_bf16, weights, ids).float()
     else:
         raw = [gate, None, up, None, down, None]
-        ref = golden(x, gate, up, down, weights, ids).float()
+        ref = golden_moe(x, gate, up, down, weights, ids).float()
     entry = ascend.OPS["moe_experts"]
     impl = entry.impl if hasattr(entry, "impl") else entry
     with emu.configured(strict=True):  # strict: the rows init_routing drops are NaN, so a leak shows

@@ -289,15 +289,21 @@ def chi2_limit(df: int) -> float:
 
 
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
-    """Pearson's statistic and degrees of freedom; cells expected fewer than 5 times are pooled into one (the
-    chi-square approximation needs that: one draw of a 1e-6 token would otherwise dominate the sum)."""
+    """Pearson's statistic and degrees of freedom. Cells expected fewer than 5 times are pooled, the smallest first,
+    until the pooled cell is expected at least 5 times (taking in the smallest large cells if it must): the
+    chi-square approximation needs every cell at 5 or more; a pooled cell expected 0.3 times that sees 3 draws
+    would alone add 24 to the sum."""
     support = probs > 0
     assert counts[~support].sum() == 0, "a token outside the distribution's support was drawn"
     expected, observed = probs[support].double() * counts.sum(), counts[support].double()
-    small = expected < 5
-    if small.any():
-        expected = torch.cat([expected[~small], expected[small].sum()[None]])
-        observed = torch.cat([observed[~small], observed[small].sum()[None]])
+    order = expected.argsort()
+    expected, observed = expected[order], observed[order]
+    take = 0
+    while take < expected.numel() and (expected[take] < 5 or 0 < expected[:take].sum() < 5):
+        take += 1
+    if take > 1:
+        expected = torch.cat([expected[:take].sum()[None], expected[take:]])
+        observed = torch.cat([observed[:take].sum()[None], observed[take:]])
     return float(((observed - expected) ** 2 / expected).sum()), int(expected.numel()) - 1
 
 

@@ -3,6 +3,7 @@ layout, with MTP weights added the way DeepSeek's checkpoints carry them (layer 
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -200,3 +201,28 @@ def golden_moe(x, gate, up, down, weights, ids):
             h = torch.nn.functional.silu(gate[e].double() @ xt) * (up[e].double() @ xt)
             out[t] += float(weights[t, j]) * (down[e].double() @ h)
     return out
+
+
+def chi2_limit(df: int) -> float:
+    """Chi-square quantile at p = 1e-4 (Wilson-Hilferty; z = 3.719)."""
+    a = 2 / (9 * df)
+    return df * (1 - a + 3.719 * math.sqrt(a)) ** 3
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson's statistic and degrees of freedom. Cells expected fewer than 5 times are pooled, the smallest first,
+    until the pooled cell is expected at least 5 times (taking in the smallest large cells if it must): the
+    chi-square approximation needs every cell at 5 or more; a pooled cell expected 0.3 times that sees 3 draws
+    would alone add 24 to the sum."""
+    support = probs > 0
+    assert counts[~support].sum() == 0, "a token outside the distribution's support was drawn"
+    expected, observed = probs[support].double() * counts.sum(), counts[support].double()
+    order = expected.argsort()
+    expected, observed = expected[order], observed[order]
+    take = 0
+    while take < expected.numel() and (expected[take] < 5 or 0 < expected[:take].sum() < 5):
+        take += 1
+    if take > 1:
+        expected = torch.cat([expected[:take].sum()[None], expected[take:]])
+        observed = torch.cat([observed[:take].sum()[None], observed[take:]])
+    return float(((observed - expected) ** 2 / expected).sum()), int(expected.numel()) - 1

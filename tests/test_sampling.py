@@ -19,7 +19,7 @@ from core.engine.generation_config import read_json_object
 from core.engine.sampling import (GREEDY_BELOW, InvalidLogits, RequestSampler, SamplingParams, accept,
                                   invalid_rows, process, process_logits, sample, token_logprobs)
 from core.errors import CheckpointError, UserError
-from tests.helpers import fresh_seed
+from tests.helpers import chi2_limit, chi_square, fresh_seed
 
 NEG = -math.inf
 
@@ -281,31 +281,6 @@ def test_min_tokens_bans_stop_ids_until_enough_tokens_are_out():
 
 
 # -- statistics ------------------------------------------------------------------------------------------------------
-
-def chi2_limit(df: int) -> float:
-    """Chi-square quantile at p = 1e-4 (Wilson-Hilferty; z = 3.719)."""
-    a = 2 / (9 * df)
-    return df * (1 - a + 3.719 * math.sqrt(a)) ** 3
-
-
-def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
-    """Pearson's statistic and degrees of freedom. Cells expected fewer than 5 times are pooled, the smallest first,
-    until the pooled cell is expected at least 5 times (taking in the smallest large cells if it must): the
-    chi-square approximation needs every cell at 5 or more; a pooled cell expected 0.3 times that sees 3 draws
-    would alone add 24 to the sum."""
-    support = probs > 0
-    assert counts[~support].sum() == 0, "a token outside the distribution's support was drawn"
-    expected, observed = probs[support].double() * counts.sum(), counts[support].double()
-    order = expected.argsort()
-    expected, observed = expected[order], observed[order]
-    take = 0
-    while take < expected.numel() and (expected[take] < 5 or 0 < expected[:take].sum() < 5):
-        take += 1
-    if take > 1:
-        expected = torch.cat([expected[:take].sum()[None], expected[take:]])
-        observed = torch.cat([observed[:take].sum()[None], observed[take:]])
-    return float(((observed - expected) ** 2 / expected).sum()), int(expected.numel()) - 1
-
 
 def draw_many(lp: torch.Tensor, n_rows: int, n_steps: int, params: SamplingParams) -> torch.Tensor:
     """Counts [V] of n_rows * n_steps draws of `sample` from logprobs [V], one RequestSampler per batch row."""

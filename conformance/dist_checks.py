@@ -7,7 +7,9 @@
    a failure names the collective, dtype and size.
 2. the embedded default, float32, sharded at each rank count in both MoE combine modes (all_to_all with MTP
    speculative decoding) against one process of the same backend: greedy tokens equal for 16 new tokens,
-   teacher-forced logits within 1e-5 relative; a failure names the rank count, mode and what differs.
+   teacher-forced logits within 1e-5 relative; a failure names the rank count, mode and what differs, and is
+   bisected (conformance.dist_trace): the output of every collective of one prefill, sharded against one process,
+   names the first sharded layer that differs (embedding, layer i's attention, dense MLP or MoE, LM head).
 Ranks are started here with torchrun's environment variables on 127.0.0.1 (one node); each launch is bounded.
 """
 
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 from conformance.context import FAIL, PASS, CheckResult, Suite
+from conformance.dist_trace import first_difference
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 600
@@ -92,12 +95,34 @@ def _run_args(suite: Suite, logits: Path, *extra: str) -> list[str]:
             "--max-new-tokens", str(NEW_TOKENS), "--ignore-eos", "--json", "--logits-out", str(logits), *extra]
 
 
+def bisect(suite: Suite, tmp: Path, n: int, mode: str) -> tuple[str, list[str]]:
+    """(detail, culprits): the first sharded layer whose output at n ranks in `mode` differs from one process."""
+    from safetensors.torch import load_file
+
+    traces = {}
+    for ranks in (1, n):
+        path = tmp / f"trace-{ranks}-{mode}.safetensors"
+        if not path.exists():
+            status, _, err = launch(ranks, "conformance.dist_trace", ["--backend", suite.backend.name,
+                                                                        *_mode_flags(suite), "--moe-combine", mode,
+                                                                        "--out", str(path)])
+            if status != 0:
+                return f"; the layer bisection failed at {ranks} rank(s): {_last_line(err)}", []
+        traces[ranks] = load_file(str(path))
+    first = first_difference(traces[n], traces[1], LOGITS_RTOL)
+    if first is None:
+        return "; every sharded layer of one prefill agrees with one process (the difference is in decoding)", []
+    layer, rel = first
+    return f"; first sharded layer that differs from one process: {layer} (relative error {rel:.2g})", [layer]
+
+
 def model_checks(suite: Suite, counts: list[int]) -> list[CheckResult]:
     from safetensors.torch import load_file
 
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        golden_path = Path(tmp) / "one.safetensors"
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        golden_path = tmp / "one.safetensors"
         status, out, err = launch(1, "core.run", _run_args(suite, golden_path))
         if status != 0:
             return [CheckResult("dist", "dist/model/golden", "model", FAIL, detail=_last_line(err))]
@@ -106,7 +131,7 @@ def model_checks(suite: Suite, counts: list[int]) -> list[CheckResult]:
         for n in counts:
             for mode, extra in (("all_reduce", []), ("all_to_all", ["--mtp"])):
                 t0 = time.perf_counter()
-                path = Path(tmp) / f"{n}-{mode}.safetensors"
+                path = tmp / f"{n}-{mode}.safetensors"
                 name = f"dist/model/{n}-ranks/{mode}" + ("+mtp" if extra else "")
                 status, out, err = launch(n, "core.run", _run_args(suite, path, "--moe-combine", mode, *extra))
                 if status != 0:
@@ -121,12 +146,17 @@ def model_checks(suite: Suite, counts: list[int]) -> list[CheckResult]:
                 first = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
                 detail = "" if same else f"greedy tokens differ from one process from position {first}"
                 ok = same and rel <= LOGITS_RTOL
+                culprits = []
+                if not ok:
+                    where, culprits = bisect(suite, tmp, n, mode)
+                    detail = (detail or f"logits differ from one process by {rel:.2g} relative") + where
                 results.append(CheckResult("dist", name, "model", PASS if ok else FAIL, dtype="float32",
                                            shape=f"{NEW_TOKENS} new tokens", rel_err=rel, tolerance=LOGITS_RTOL,
                                            tolerance_reason="reduction order of the all_reduce",
                                            seconds=time.perf_counter() - t0,
                                            detail=detail or (f"MTP accepted {rep['mtp']['accepted']}/"
-                                                             f"{rep['mtp']['proposed']}" if extra else "")))
+                                                             f"{rep['mtp']['proposed']}" if extra else ""),
+                                           culprits=culprits))
     return results
 
 

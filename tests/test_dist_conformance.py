@@ -4,7 +4,6 @@ and the layer bisection names the first MoE layer; the all_to_all mode (k = 1 di
 
 from __future__ import annotations
 
-import shutil
 
 import torch
 
@@ -60,4 +59,3 @@ def test_dist_level_names_the_sharded_layer_that_breaks(tmp_path, monkeypatch):
     assert broken.verdict == FAIL and fine.verdict == PASS, (broken.detail, fine.detail)
     assert broken.culprits == ["layer 1 MoE (routed experts and shared expert split)"], broken.detail
     assert "first sharded layer that differs from one process: layer 1 MoE" in broken.detail
-    shutil.rmtree(d)

@@ -4,7 +4,6 @@ and the layer bisection names the first MoE layer; the all_to_all mode (k = 1 di
 
 from __future__ import annotations
 
-
 import torch
 
 from conformance import dist_checks

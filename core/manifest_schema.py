@@ -4,6 +4,7 @@ naming the file and the key (e.g. `tolerances[0].rtol`)."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from core.errors import ContractError
@@ -30,6 +31,11 @@ UNREAD = {"atol": "the verdict is the norm-wise relative error (rtol); there is 
                   "ignored: remove it"}
 
 
+def _key(k: Any) -> str:
+    """A key as shown in an error: bare when it is a plain identifier, else quoted and escaped."""
+    return k if isinstance(k, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", k) else quote_name(k)
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -51,7 +57,7 @@ def check_override(row: Any, key: str, where: str, dtypes: tuple[str, ...], nume
         if k in UNREAD:
             raise bad(f"{key}.{k} is not read: {UNREAD[k]}")
         if k not in OVERRIDE_KEYS:
-            raise bad(f"{key}.{quote_name(k)} is not a tolerance key (known: {', '.join(OVERRIDE_KEYS)})")
+            raise bad(f"{key}.{_key(k)} is not a tolerance key (known: {', '.join(OVERRIDE_KEYS)})")
     for k in ("op", "dtype", "reason"):
         if k not in row:
             raise bad(f"{key} has no {k} ({OVERRIDE_KEYS[k]})")
@@ -79,7 +85,7 @@ def check_manifest(data: Any, where: str, dtypes: tuple[str, ...], numerics: tup
         if k in UNREAD:
             raise ContractError(f"{where}: {k} is not read: {UNREAD[k]}")
         if k not in TOP_KEYS:
-            raise ContractError(f"{where}: unknown manifest key {quote_name(k)} (known: {', '.join(TOP_KEYS)})")
+            raise ContractError(f"{where}: unknown manifest key {_key(k)} (known: {', '.join(TOP_KEYS)})")
         kind = {"a string": str, "a mapping": dict, "a list": list}[TOP_KEYS[k]]
         if v is not None and not isinstance(v, kind):
             raise ContractError(f"{where}: {k} must be {TOP_KEYS[k]}, got {quote_value(v)}")
@@ -87,12 +93,12 @@ def check_manifest(data: Any, where: str, dtypes: tuple[str, ...], numerics: tup
         if isinstance(entry, dict):
             for k in entry:
                 if k not in OPERATOR_KEYS:
-                    raise ContractError(f"{where}: operators.{quote_name(name)}.{quote_name(k)} is not an operator "
+                    raise ContractError(f"{where}: operators.{_key(name)}.{_key(k)} is not an operator "
                                         f"key (known: {', '.join(OPERATOR_KEYS)})")
     for section in ("limits", "nondeterministic"):
         for name, text in (data.get(section) or {}).items():
             if not isinstance(text, str) or not text.strip():
-                raise ContractError(f"{where}: {section}.{quote_name(name)} must be a non-empty string saying why, "
+                raise ContractError(f"{where}: {section}.{_key(name)} must be a non-empty string saying why, "
                                     f"got {quote_value(text)}")
     for i, row in enumerate(data.get("tolerances") or []):
         check_override(row, f"tolerances[{i}]", where, dtypes, numerics)

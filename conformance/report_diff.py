@@ -120,6 +120,11 @@ def _change(a: dict, b: dict, same: bool) -> str:
     return ""
 
 
+def _group(name: str) -> str:
+    """level/operator of a check name (op/rms_norm/unaligned/bfloat16 -> op/rms_norm)."""
+    return "/".join(name.split("/")[:2])
+
+
 def compare(current: dict, other: dict) -> list[str]:
     """Markdown lines: the other report, whether the inputs were the same, and a row per check that changed.
     `other` has passed validate(); every value taken from it is shown through _cell."""
@@ -141,7 +146,12 @@ def compare(current: dict, other: dict) -> list[str]:
                   f"listed. To compare errors, run again with --seed {_cell(o_env.get('seed', '?'))} --cases "
                   f"{_cell(o_env.get('case_set', '?'))}.", ""]
     rows = []
-    for name in sorted(set(mine) | set(theirs)):
+    scope = {_group(n) for n in mine} & {_group(n) for n in theirs}
+    outside = [n for n in set(mine) ^ set(theirs) if _group(n) not in scope]
+    if outside:
+        lines += [f"{len(outside)} check(s) of operators only one report ran (e.g. a run with --ops or --only) are "
+                  f"left out.", ""]
+    for name in sorted((set(mine) | set(theirs)) - set(outside)):
         a, b = mine.get(name), theirs.get(name)
         if a is None or b is None:
             rows.append(f"| {_cell(name)} | {'-' if b is None else b['verdict']} | "

@@ -160,3 +160,7 @@ def test_compare_rules_same_and_different_seeds():
     unchanged = "\n".join(report_diff.compare(_report(1, [(n, v, e) for n, v, e in
                                                           [(c["name"], c["verdict"], c["rel_err"]) for c in before["checks"]]]), before))
     assert "No check changed verdict, and no error moved." in unchanged
+    subset = "\n".join(report_diff.compare(_report(1, noisy[:1]), before))
+    assert "3 check(s) of operators only one report ran" in subset and "op/b/c/bfloat16" not in subset
+    missing = "\n".join(report_diff.compare(_report(1, noisy[:1] + [("op/a/d/float32", "pass", 1e-3)]), before))
+    assert "op/a/d/float32 | - | pass | only in one report" in missing

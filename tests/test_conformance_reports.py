@@ -164,3 +164,23 @@ def test_compare_rules_same_and_different_seeds():
     assert "3 check(s) of operators only one report ran" in subset and "op/b/c/bfloat16" not in subset
     missing = "\n".join(report_diff.compare(_report(1, noisy[:1] + [("op/a/d/float32", "pass", 1e-3)]), before))
     assert "op/a/d/float32 | - | pass | only in one report" in missing
+
+
+def test_summary_prefers_the_relative_verdicts_own_multiple():
+    """When the check carries ref_multiple and ref_limit (the relative verdict judged it), the summary shows those;
+    otherwise the multiple is rel_err / ref_rel_err (0 when both are exact, infinite when only cpu_ref is)."""
+    def check(name, err, ref, **extra):
+        return {"level": "op", "op": "linear", "dtype": "bfloat16", "name": name, "verdict": "pass", "rel_err": err,
+                "ref_rel_err": ref, "tolerance": 1e-2, **extra}
+
+    assert report.ref_multiple(check("a", 4e-3, 2e-3)) == pytest.approx(2.0)
+    assert report.ref_multiple(check("a", 0.0, 0.0)) == 0.0
+    assert report.ref_multiple(check("a", 1e-9, 0.0)) == float("inf")
+    assert report.ref_multiple(check("a", "inf", 1e-3)) == float("inf")
+    assert report.ref_multiple(check("a", 4e-3, 2e-3, ref_multiple=1.5)) == 1.5
+    rows = report.operators([check("a", 4e-3, 2e-3, ref_multiple=1.5, ref_limit=4.0),
+                             check("b", 6e-3, 1e-3, ref_multiple=3.0, ref_limit=4.0), check("c", 1e-3, None)])
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["worst_ref_multiple"] == 3.0 and row["ref_limit"] == 4.0 and row["worst_check"] == "b"
+    assert row["worst_fraction"] == pytest.approx(0.6) and row["checks"] == 3 and row["passed"] == 3

@@ -51,6 +51,19 @@ def _fast_op(suite: Suite, name: str) -> CheckResult | None:
     return result if result.name == name else None
 
 
+def _fast_block(suite: Suite, name: str) -> CheckResult | None:
+    """The block check `name` run directly (block/BLOCK/CASES/DTYPE), or None when the name is not of that form."""
+    parts = name.split("/")
+    if len(parts) != 4 or parts[1] not in block_checks.CHECKS or parts[2] != suite.case_set:
+        return None
+    needs = block_checks.NEEDS.get(parts[1], [])
+    dtype = DTYPE_NAMES.get(parts[3])
+    if any(op not in suite.backend.ops for op in needs) or dtype not in suite.working_dtypes(needs):
+        return None
+    result = block_checks.CHECKS[parts[1]](suite, dtype)
+    return result if result.name == name else None
+
+
 def run(suite: Suite, name: str, bisect: bool = True) -> list[CheckResult]:
     """The result of the check `name` alone (a level's other checks of the same operator may run, only this one is
     returned). A one-line UserError when this backend and case set have no such check."""
@@ -59,7 +72,8 @@ def run(suite: Suite, name: str, bisect: bool = True) -> list[CheckResult]:
         fast = _fast_op(suite, name)
         results = [fast] if fast is not None else op_checks.run(suite, [name.split("/")[1]])
     elif level == "block":
-        results = block_checks.run(suite)
+        fast = _fast_block(suite, name)
+        results = [fast] if fast is not None else block_checks.run(suite)
     elif level == "model":
         results = model_checks.run(suite, bisect)
     else:

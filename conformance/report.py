@@ -30,7 +30,7 @@ PLOT_FILE = "errors.png"
 
 LEGEND = {
     "level": "op (one operator), block (one MLA or MoE layer), model (the embedded default model), dist (ranks)",
-    "operator": "the operator, block or model check judged",
+    "operator": "the operator, block or model check judged, after PASS, FAIL (any of its checks failed) or SKIP",
     "dtype": "the working dtype (activations and outputs)",
     "checks / pass / fail / skip": "how many checks, and their verdicts (a skip always says why in its row)",
     "worst err / tol": "the largest error as a fraction of its absolute tolerance (tolerances.yaml or the manifest): "

@@ -28,7 +28,8 @@ def _matplotlib():
 
 def unavailable() -> str:
     """Why there is no plot and how to get one (shown in report.md)."""
-    return f"matplotlib is not installed; {INSTALL} and run the same command again to get it."
+    return (f"matplotlib is not installed; {INSTALL}, then `python -m conformance.render DIR` (DIR: this report's "
+            f"directory) draws it from report.json without running anything again.")
 
 
 def _value(v) -> float | None:

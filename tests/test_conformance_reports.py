@@ -4,6 +4,7 @@ and no machine paths anywhere in a report."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shlex
@@ -124,6 +125,19 @@ def test_without_matplotlib_the_report_says_how_to_get_the_plot(tmp_path, monkey
     assert not (tmp_path / "rep" / report.PLOT_FILE).exists()
     assert "No plot: matplotlib is not installed" in md and "deepseek-v3-portable[plot]" in md
     assert f"]({report.PLOT_FILE})" not in md
+    before = json.loads((tmp_path / "rep" / "report.json").read_text())
+    monkeypatch.undo()  # matplotlib back, if this interpreter has it: the plot is drawn from report.json alone
+    drawn = run_main("conformance.render", str(tmp_path / "rep"))
+    assert drawn.returncode == 0, drawn.stderr
+    assert json.loads((tmp_path / "rep" / "report.json").read_text()) == before
+    md = (tmp_path / "rep" / "report.md").read_text()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / "rep" / report.PLOT_FILE).is_file() and f"]({report.PLOT_FILE})" in md
+    else:
+        assert "no plot" in drawn.stdout and "No plot: matplotlib is not installed" in md
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "report.json").write_text('{"checks": []}')
+    refused(run_main("conformance.render", str(tmp_path / "junk")), "not a conformance report")
 
 
 def test_compare_between_real_runs_knows_about_seeds(tmp_path):

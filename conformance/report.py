@@ -1,5 +1,12 @@
-"""report.json and report.md: the environment, a row per check, the dispatch table and a summary; and the
-difference between two reports (--compare)."""
+"""report.json, report.md and the error plot: the environment, a summary per operator and dtype, every failure with
+the command that reproduces it alone, a row per check, the dispatch table. No machine paths (conformance.portable).
+
+report.json, per check (besides conformance.context.CheckResult's fields):
+    tolerance_fraction  rel_err / tolerance (how much of its absolute tolerance the check used)
+    ref_multiple        rel_err / cpu_ref's rel_err on the same inputs (the relative verdict's, floored, when it
+                        judged the check; else the plain ratio)
+    reproduce           (failures only) the command that runs this check alone with the same seed
+"""
 
 from __future__ import annotations
 
@@ -14,14 +21,38 @@ from pathlib import Path
 
 import torch
 
+from conformance import one_check, report_plot
 from conformance.context import FAIL, PASS, SKIP, CheckResult, Suite
-from core.errors import UserError
-from core.safe_files import MAX_REPORT_BYTES, one_line, quote_name, quote_value, read_json_file, \
-    write_files_atomically
+from conformance.portable import ROOT, scrub, scrub_all
+from core.safe_files import write_files_atomically
 
-MAX_CHECKS = 100_000
+PLOT_FILE = "errors.png"
 
-ROOT = Path(__file__).resolve().parent.parent
+LEGEND = {
+    "level": "op (one operator), block (one MLA or MoE layer), model (the embedded default model), dist (ranks)",
+    "operator": "the operator, block or model check judged, after PASS, FAIL (any of its checks failed) or SKIP",
+    "dtype": "the working dtype (activations and outputs)",
+    "checks / pass / fail / skip": "how many checks, and their verdicts (a skip always says why in its row)",
+    "worst err / tol": "the largest error as a fraction of its absolute tolerance (tolerances.yaml or the manifest): "
+                       "above 1 fails",
+    "worst × cpu_ref": "the largest error as a multiple of cpu_ref's own error in the same dtype on the same inputs "
+                       "(floored where cpu_ref is near exact)",
+    "allowed × cpu_ref": "the multiple of cpu_ref's error the relative verdict allows (- where none applies)",
+    "worst check": "the check with the largest err / tol",
+    "verdict": "PASS, FAIL or SKIP",
+    "check": "level/operator/case/dtype: give it to --only to run it alone",
+    "shape": "the inputs' shapes and arguments",
+    "rel err": "||got - golden||₂ / ||golden||₂ against cpu_ref in float64 (same numerics class)",
+    "max abs": "max |got - golden|",
+    "max rel": "max |got - golden| / max(|golden|, 1e-3·max|golden|)",
+    "cpu_ref rel err": "what cpu_ref itself reaches in the same working dtype on the same inputs",
+    "tolerance": "the absolute limit on rel err, with [n] pointing to its reason below",
+    "err / tol": "rel err as a fraction of the tolerance: above 1 fails",
+    "× cpu_ref": "rel err as a multiple of cpu_ref rel err (the relative verdict's, floored where cpu_ref is near "
+                 "exact)",
+    "time s": "the backend's wall time for the call (one run, synchronised)",
+    "detail": "why a check failed or was skipped, or what else it measured",
+}
 
 
 def _version(dist: str) -> str:
@@ -81,15 +112,86 @@ def summary(results: list[CheckResult]) -> dict:
             "verdict": "PASS" if not total[FAIL] else "FAIL"}
 
 
-def _finite(row: dict) -> dict:
+def _number(v) -> float | None:
+    """A report value as a float: None stays None, the string "inf" (JSON has no infinity) is infinity."""
+    if v == "inf":
+        return math.inf
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def tolerance_fraction(check: dict) -> float | None:
+    err, tol = _number(check.get("rel_err")), _number(check.get("tolerance"))
+    if err is None or tol is None or tol <= 0:
+        return None
+    return err / tol
+
+
+def ref_multiple(check: dict) -> float | None:
+    """The check's error as a multiple of cpu_ref's: the relative verdict's own (floored) when it judged the check,
+    else rel_err / ref_rel_err (0 when both are exact, infinite when only cpu_ref is)."""
+    given = _number(check.get("ref_multiple"))
+    if given is not None:
+        return given
+    err, ref = _number(check.get("rel_err")), _number(check.get("ref_rel_err"))
+    if err is None or ref is None:
+        return None
+    if ref == 0:
+        return 0.0 if err == 0 else math.inf
+    return err / ref
+
+
+def _finite(value):
     """JSON has no infinity: an infinite error (NaN or inf in the output) is written as the string "inf"."""
-    return {k: ("inf" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf"
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _worst(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None
+
+
+def operators(checks: list[dict]) -> list[dict]:
+    """One row per (level, operator, dtype): counts, the worst fraction of tolerance, the worst multiple of
+    cpu_ref's error and the multiple allowed, and the check with the worst fraction."""
+    groups: dict[tuple, list[dict]] = {}
+    for c in checks:
+        groups.setdefault((c["level"], c["op"], c.get("dtype") or "-"), []).append(c)
+    rows = []
+    for (level, op, dtype), cs in groups.items():
+        fractions = [tolerance_fraction(c) for c in cs]
+        worst_at = max(range(len(cs)), key=lambda i: -1 if fractions[i] is None else fractions[i])
+        limits = [_number(c.get("ref_limit")) for c in cs]
+        rows.append({"level": level, "operator": op, "dtype": dtype, "checks": len(cs),
+                     "passed": sum(c["verdict"] == PASS for c in cs), "failed": sum(c["verdict"] == FAIL for c in cs),
+                     "skipped": sum(c["verdict"] == SKIP for c in cs), "worst_fraction": _worst(fractions),
+                     "worst_ref_multiple": _worst([ref_multiple(c) for c in cs]),
+                     "ref_limit": min((v for v in limits if v is not None), default=None),
+                     "worst_check": cs[worst_at]["name"] if fractions[worst_at] is not None else ""})
+    return rows
 
 
 def build(results: list[CheckResult], suite: Suite, seconds: float, command: str = "") -> dict:
-    return {"environment": environment(suite, command), "summary": summary(results),
-            "wall_seconds": round(seconds, 2), "dispatch": suite.dispatch.table(), "manifest": str(suite.manifest.path),
-            "checks": [_finite(r.to_dict()) for r in results]}
+    env = environment(suite, command)
+    checks = []
+    for r in results:
+        c = r.to_dict()
+        c["tolerance_fraction"] = tolerance_fraction(c)
+        c["ref_multiple"] = ref_multiple(c)
+        c.setdefault("ref_limit", None)
+        if c["verdict"] == FAIL:
+            c["reproduce"] = one_check.reproduce_command(env, c["name"])
+        checks.append(c)
+    report = {"environment": env, "summary": summary(results), "wall_seconds": round(seconds, 2),
+              "dispatch": suite.dispatch.table(), "manifest": str(suite.manifest.path),
+              "backend_description": suite.manifest.description, "toolchain": suite.manifest.toolchain,
+              "operators": operators(checks), "checks": checks}
+    return scrub_all(_finite(report))
 
 
 def _fmt(v) -> str:
@@ -100,11 +202,59 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def markdown(report: dict, comparison: list[str] | None = None) -> str:
+def _cell(text: object) -> str:
+    return str(text).replace("\n", " ").replace("|", "\\|")
+
+
+def _legend(columns: list[str]) -> list[str]:
+    return [f"- **{c}**: {LEGEND[c]}" for c in columns]
+
+
+SUMMARY_COLUMNS = ["level", "operator", "dtype", "checks / pass / fail / skip", "worst err / tol", "worst × cpu_ref",
+                   "allowed × cpu_ref", "worst check"]
+CHECK_COLUMNS = ["verdict", "check", "shape", "rel err", "max abs", "max rel", "cpu_ref rel err", "err / tol",
+                 "× cpu_ref", "tolerance", "time s", "detail"]
+
+
+def _summary_table(report: dict) -> list[str]:
+    lines = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+    for row in report["operators"]:
+        status = "**FAIL**" if row["failed"] else "PASS" if row["passed"] else "SKIP"
+        lines.append(f"| {row['level']} | {status} {_cell(row['operator'])} | {row['dtype']} | {row['checks']} / "
+                     f"{row['passed']} / {row['failed']} / {row['skipped']} | {_fmt(row['worst_fraction'])} | "
+                     f"{_fmt(row['worst_ref_multiple'])} | {_fmt(row['ref_limit'])} | {_cell(row['worst_check'])} |")
+    return lines
+
+
+def _failures(report: dict) -> list[str]:
+    failed = [c for c in report["checks"] if c["verdict"] == FAIL]
+    if not failed:
+        return []
+    lines = ["", f"## Failures ({len(failed)})", "",
+             "Each runs alone with the command under it (same backend, mode, case set and seed, so the same inputs; "
+             "an out-of-tree backend needs the same DSV3_BACKENDS_PATH or installed package)."]
+    for c in failed:
+        lines += ["", f"- `{c['name']}` ({_cell(c.get('shape') or '')}): {_cell(c.get('detail') or 'failed')}", "",
+                  "  ```bash", f"  {c['reproduce']}", "  ```"]
+    return lines
+
+
+def _plot_section(has_plot: bool) -> list[str]:
+    lines = ["", "## Errors against tolerances", ""]
+    if has_plot:
+        return lines + [f"![error / tolerance per operator and dtype]({PLOT_FILE})", "",
+                        "Each point is one check: its error as a fraction of its absolute tolerance (log scale; "
+                        "above the line at 1 fails), by operator, coloured by dtype; hollow marks are cpu_ref's own "
+                        "error on the same inputs."]
+    return lines + [f"No plot: {report_plot.unavailable()}"]
+
+
+def markdown(report: dict, comparison: list[str] | None = None, has_plot: bool = False) -> str:
     env, s = report["environment"], report["summary"]
     lines = [f"# Conformance report: `{env['backend']}` on {env.get('backend_device_name', env['device'])}", "",
              f"**{s['verdict']}**: {s['passed']} passed, {s['failed']} failed, {s['skipped']} skipped of "
-             f"{s['checks']} checks in {report['wall_seconds']} s."]
+             f"{s['checks']} checks in {report['wall_seconds']} s; cases `{env['case_set']}`, seed {env['seed']}.",
+             "", f"Command: `{env['command']}`"]
     if env["triton_interpreter"]:
         lines.append("\nRan under the **Triton interpreter on the CPU**: bfloat16 and FP8-activation results are not "
                      "the GPU's numerics (skipped or judged with the interpreter rows of the tolerance table); "
@@ -115,111 +265,46 @@ def markdown(report: dict, comparison: list[str] | None = None) -> str:
     if s["failed_ops"] or s["failed_checks"]:
         lines.append(f"\nFailing: {', '.join(s['failed_ops'] + s['failed_checks'])}"
                      + (f"; the model-level failures are reproduced by {', '.join(s['culprits'])}" if s["culprits"] else ""))
-    lines += ["", "## Environment", "", "| key | value |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in env.items()]
-    lines += ["", "## Dispatch", "", "| operator | implementation |", "|---|---|"]
-    lines += [f"| {op} | {impl} |" for op, impl in report["dispatch"].items()]
+    lines += ["", "## Summary by operator", ""] + _summary_table(report) + [""] + _legend(SUMMARY_COLUMNS)
+    lines += _failures(report)
+    lines += _plot_section(has_plot)
     if comparison:
         lines += ["", "## Compared with another report", ""] + comparison
+    lines += ["", "## Environment", "", "| key | value |", "|---|---|"]
+    lines += [f"| {k} | {_cell(v)} |" for k, v in env.items()]
+    lines += [f"| manifest | {_cell(report.get('manifest', ''))} |",
+              f"| backend description | {_cell(report.get('backend_description', ''))} |",
+              f"| toolchain (manifest) | {_cell(json.dumps(report.get('toolchain') or {}, default=str))} |"]
+    lines += ["", "## Dispatch", "", "| operator | implementation |", "|---|---|"]
+    lines += [f"| {op} | {_cell(impl)} |" for op, impl in report["dispatch"].items()]
     reasons: dict[str, int] = {}
     for level in ("op", "block", "model", "dist"):
         rows = [c for c in report["checks"] if c["level"] == level]
         if not rows:
             continue
-        lines += ["", f"## {level.capitalize()} level", "",
-                  "| verdict | check | shape | rel err | max abs | max rel | cpu_ref rel err | tolerance | time s | detail |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", f"## {level.capitalize()} level", "", "| " + " | ".join(CHECK_COLUMNS) + " |",
+                  "|" + "---|" * len(CHECK_COLUMNS)]
         for c in rows:
             ref = ""
             if c["tolerance_reason"]:
                 ref = f" [{reasons.setdefault(c['tolerance_reason'], len(reasons) + 1)}]"
-            detail = c["detail"].replace("|", "\\|")
-            lines.append(f"| {c['verdict'].upper()} | {c['name']} | {c['shape'].replace('|', '/')} | {_fmt(c['rel_err'])} | "
+            lines.append(f"| {c['verdict'].upper()} | {c['name']} | {_cell(c['shape'])} | {_fmt(c['rel_err'])} | "
                          f"{_fmt(c['max_abs'])} | {_fmt(c['max_rel'])} | {_fmt(c['ref_rel_err'])} | "
-                         f"{_fmt(c['tolerance'])}{ref} | {c['seconds']:.3f} | {detail} |")
+                         f"{_fmt(c.get('tolerance_fraction'))} | {_fmt(c.get('ref_multiple'))} | "
+                         f"{_fmt(c['tolerance'])}{ref} | {c['seconds']:.3f} | {_cell(c['detail'])} |")
+    if any(c["level"] in ("op", "block", "model", "dist") for c in report["checks"]):
+        lines += ["", "Columns of the level tables:", ""] + _legend(CHECK_COLUMNS)
     if reasons:
-        lines += ["", "## Tolerances used", ""] + [f"{i}. {r}" for r, i in reasons.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _cell(text: object) -> str:
-    """A value from a report as one markdown table cell: one line, pipes escaped."""
-    return one_line(text).replace("|", "\\|")
-
-
-def read_other(path: Path) -> dict:
-    """Read and validate, in full, a report.json given to --compare (before anything runs): a regular file within
-    the size and depth limits, with every field compare() uses present and of the right type."""
-    shown = f"--compare: {quote_name(str(path))}"
-    data = read_json_file(Path(path), MAX_REPORT_BYTES, error=UserError, what=shown)
-    validate(data, shown)
-    return data
-
-
-def validate(data: object, shown: str) -> None:
-    """Raise a one-line UserError unless `data` has the shape of a conformance report.json."""
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise UserError(f"{shown} is not a conformance report.json ({what})")
-
-    need(isinstance(data, dict) and isinstance(data.get("checks"), list)
-         and all(isinstance(data.get(k), dict) for k in ("environment", "summary")),
-         "needs environment, summary and checks")
-    env, summary, checks = data["environment"], data["summary"], data["checks"]
-    for key in ("backend", "device", "commit"):
-        need(isinstance(env.get(key), str), f"environment.{key} must be a string")
-    need(isinstance(env.get("backend_device_name", ""), str), "environment.backend_device_name must be a string")
-    need(isinstance(summary.get("verdict"), str), "summary.verdict must be a string")
-    for key in ("passed", "failed"):
-        v = summary.get(key)
-        need(isinstance(v, int) and not isinstance(v, bool) and v >= 0, f"summary.{key} must be a count")
-    need(len(checks) <= MAX_CHECKS, f"more than {MAX_CHECKS} checks")
-    names = set()
-    for i, c in enumerate(checks):
-        need(isinstance(c, dict) and isinstance(c.get("name"), str), f"checks[{i}] needs a name")
-        need(c["name"] not in names, f"check {quote_name(c['name'])} appears twice")
-        names.add(c["name"])
-        need(c.get("verdict") in (PASS, FAIL, SKIP), f"checks[{i}].verdict {quote_value(c.get('verdict'))} is "
-                                                     f"not pass, fail or skip")
-        err = c.get("rel_err")
-        need(err is None or err == "inf" or (isinstance(err, (int, float)) and not isinstance(err, bool)
-                                             and math.isfinite(err) and err >= 0),
-             f"checks[{i}].rel_err {quote_value(err)} is not a non-negative number, \"inf\" or null")
-
-
-def compare(current: dict, other: dict) -> list[str]:
-    """What changed between two reports: verdicts, checks present in only one, errors that moved by > 2x.
-    `other` has passed validate(); every value taken from it is shown through _cell."""
-    mine = {c["name"]: c for c in current["checks"]}
-    theirs = {c["name"]: c for c in other["checks"]}
-    o_env = other["environment"]
-    lines = [f"Other: `{_cell(o_env['backend'])}` on {_cell(o_env.get('backend_device_name') or o_env['device'])}, "
-             f"commit {_cell(o_env['commit'])}, {_cell(other['summary']['verdict'])} "
-             f"({other['summary']['passed']} passed, {other['summary']['failed']} failed).", ""]
-    rows = []
-    for name in sorted(set(mine) | set(theirs)):
-        a, b = mine.get(name), theirs.get(name)
-        if a is None or b is None:
-            rows.append(f"| {_cell(name)} | {'-' if b is None else b['verdict']} | "
-                        f"{'-' if a is None else a['verdict']} | only in one report |")
-            continue
-        moved = ""
-        numbers = all(isinstance(c["rel_err"], (int, float)) for c in (a, b))
-        if numbers and min(a["rel_err"], b["rel_err"]) > 0:
-            ratio = a["rel_err"] / b["rel_err"]
-            if ratio > 2 or ratio < 0.5:
-                moved = f"error {_fmt(b['rel_err'])} -> {_fmt(a['rel_err'])}"
-        if a["verdict"] != b["verdict"] or moved:
-            rows.append(f"| {_cell(name)} | {b['verdict']} | {a['verdict']} | {moved} |")
-    if not rows:
-        return lines + ["No check changed verdict, and no error moved by more than 2x."]
-    return lines + ["| check | other | this | change |", "|---|---|---|---|"] + rows
+        lines += ["", "## Tolerances used", ""] + [f"{i}. {_cell(r)}" for r, i in reasons.items()]
+    return scrub("\n".join(lines) + "\n")
 
 
 def write(report: dict, directory: Path, comparison: list[str] | None = None) -> None:
-    """Write report.json and report.md: both or neither (core.safe_files.write_files_atomically); a failure is one
-    line and leaves nothing half-written."""
-    write_files_atomically(Path(directory), {
-        "report.json": json.dumps(report, indent=2, default=str).encode(),
-        "report.md": markdown(report, comparison).encode(),
-    }, "--report")
+    """Write report.json, report.md and (when matplotlib is installed) errors.png: all or none
+    (core.safe_files.write_files_atomically); a failure is one line and leaves nothing half-written."""
+    png = report_plot.render(report)
+    files = {"report.json": json.dumps(report, indent=2, default=str).encode(),
+             "report.md": markdown(report, comparison, png is not None).encode()}
+    if png is not None:
+        files[PLOT_FILE] = png
+    write_files_atomically(Path(directory), files, "--report")

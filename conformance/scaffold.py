@@ -1,8 +1,11 @@
-"""`python -m conformance new-backend NAME`: write backends/NAME/ with a descriptor, a manifest and one file per
-operator delegating to the reference, so it passes conformance at once; then replace operators one at a time."""
+"""`python -m conformance new-backend NAME [--dir DIR | --package DIR]`: write backends/NAME/ (or DIR/NAME/) with a
+descriptor, a manifest and one file per operator delegating to the reference, so it passes conformance at once; then
+replace operators one at a time. With --package, DIR is a pip-installable project around that directory: a
+pyproject.toml declaring the entry point core.registry reads and shipping manifest.yaml as package data."""
 
 from __future__ import annotations
 
+import importlib.util
 import keyword
 import re
 from pathlib import Path
@@ -89,6 +92,33 @@ def manifest(name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+PYPROJECT = """\
+# The {name} backend for deepseek-v3-portable, as a package of its own (scaffolded by
+# `python -m conformance new-backend {name} --package DIR`). Install with `pip install DIR`; the backend is then
+# discovered through the entry point below and judged with `python -m conformance --backend {name}`.
+[build-system]
+requires = ["setuptools>=61"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "{dist}"
+version = "0.1.0"
+description = "The {name} backend for deepseek-v3-portable"
+requires-python = ">=3.10"
+dependencies = ["deepseek-v3-portable"]
+
+[project.entry-points."{group}"]
+{name} = "{name}"
+
+[tool.setuptools]
+packages = ["{name}", "{name}.ops"]
+
+[tool.setuptools.package-data]
+# core.registry reads manifest.yaml beside the package's __init__.py: without it the backend does not register.
+{name} = ["manifest.yaml"]
+"""
+
+
 def _signature(op: str) -> tuple[str, str]:
     import inspect
 
@@ -96,9 +126,14 @@ def _signature(op: str) -> tuple[str, str]:
     return ", ".join(params), ", ".join(params)
 
 
-def create(name: str, root: Path | None = None) -> Path:
+def _check_name(name: str) -> None:
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or keyword.iskeyword(name):
         raise UserError(f"new-backend: '{name}' is not a valid backend name (lower-case letters, digits, _)")
+
+
+def create(name: str, root: Path | None = None) -> Path:
+    """Write the backend directory root/NAME (root: the in-tree backends/) and return it."""
+    _check_name(name)
     root = root or Path(__file__).resolve().parent.parent / "backends"
     target = root / name
     if target.exists():
@@ -118,4 +153,27 @@ def create(name: str, root: Path | None = None) -> Path:
     (target / "__init__.py").write_text(DESCRIPTOR.format(name=name, imports=imports, ops=ops))
     (target / "manifest.yaml").write_text(manifest(name))
     assert set(PREPARE_HOOKS) == {"prepare_linear", "prepare_experts"}
+    return target
+
+
+def create_package(name: str, directory: Path) -> Path:
+    """Write a pip-installable project in `directory` (which must not exist or be empty): pyproject.toml with the
+    entry point `NAME = "NAME"` in core.registry's group and manifest.yaml as package data, and the backend
+    directory directory/NAME. Returns the backend directory."""
+    from core import registry
+
+    _check_name(name)
+    if importlib.util.find_spec(name) is not None:
+        raise UserError(f"new-backend --package: a module named '{name}' is already importable here, so the entry "
+                        f"point {name} = \"{name}\" would load it instead; choose another name")
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise UserError(f"new-backend --package: {directory} exists and is not an empty directory")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"new-backend --package: cannot create {directory} ({e.strerror or e})") from None
+    target = create(name, directory)
+    (directory / "pyproject.toml").write_text(PYPROJECT.format(name=name, dist=f"dsv3-backend-{name.replace('_', '-')}",
+                                                               group=registry.ENTRY_POINT_GROUP))
     return target

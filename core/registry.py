@@ -120,6 +120,11 @@ def load(name: str) -> Backend:
         raise ContractError(f"backend '{name}' ({f.origin}) does not define BACKEND = core.backend.Backend(...)")
     if obj.name != name:
         raise ContractError(f"backend found as '{name}' ({f.origin}) calls itself '{obj.name}'")
+    if f.entry_point is not None and not manifest_path.is_file():
+        raise ContractError(f"backend {quote_name(name)} ({one_line(f.origin)}): its package has no manifest.yaml "
+                            f"beside {quote_name(Path(module.__file__).name)}; ship it as package data "
+                            f"([tool.setuptools.package-data] {f.entry_point.module.split('.')[0]} = "
+                            f"[\"manifest.yaml\"]; python -m conformance new-backend NAME --package DIR writes it)")
     obj.manifest = Manifest.load(manifest_path)
     obj.origin = f.origin
     obj.validate()

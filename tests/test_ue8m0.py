@@ -105,6 +105,32 @@ def test_triton_quantiser_ue8m0_is_bit_exact(fp8_dtype):
     assert not torch.equal(plain_s.cpu(), want_s), "without the flag the scales are the plain ones"
 
 
+@pytest.mark.parametrize("block_n", [128, 64])
+def test_triton_moe_experts_ue8m0_on_both_quantisation_paths(block_n):
+    """The SwiGLU output is quantised in the gate_up kernel's epilogue when BLOCK_N is 128, by the act-quant kernel
+    otherwise: both paths take the ue8m0 flag (float32, against cpu_ref's w8a8_ue8m0 emulation)."""
+    from backends.triton_kernels.moe import moe_experts, prepare_experts
+    from core.fp8 import quantize_blocks
+
+    g = torch.Generator().manual_seed(fresh_seed())
+    e, inter, hidden, tokens, top_k = 4, 192, 256, 9, 2
+    stacks = [quantize_blocks(torch.randn(*shape, generator=g) / shape[-1] ** 0.5)
+              for shape in ((e, inter, hidden), (e, inter, hidden), (e, hidden, inter))]
+    args = [t for pair in stacks for t in pair]
+    x = torch.randn(tokens, hidden, generator=g)
+    ids = torch.stack([torch.randperm(e, generator=g)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=g)
+    device = CPU if INTERPRETER else torch.device("cuda")
+    cfg = {"dot_fp32": True, "buckets": [{"BLOCK_M": 16, "gate_up": {"BLOCK_N": block_n, "BLOCK_K": 128},
+                                          "down": {"BLOCK_N": 128, "BLOCK_K": 128}}]}
+    prepared = prepare_experts(*[t.to(device) for t in args])
+    got = moe_experts(x.to(device), prepared, weights.to(device), ids.to(device), cfg=cfg, ue8m0=True).cpu()
+    ref = registry.load("cpu_ref").prepare_experts(*args)
+    want = cpu_ref.NUMERICS["w8a8_ue8m0"]["moe_experts"](x, ref, weights, ids)
+    plain = cpu_ref.NUMERICS["w8a8"]["moe_experts"](x, ref, weights, ids)
+    assert rel(got, want) < 1e-5 and rel(plain, want) > 1e-3, (rel(got, want), rel(plain, want))
+
+
 # -- Dispatch.scaled -----------------------------------------------------------------------------------------------
 
 

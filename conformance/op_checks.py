@@ -137,6 +137,8 @@ def check_case(suite: Suite, op: str, case: dict, dtype: torch.dtype, inputs=Non
     except Exception as e:  # a backend refused for a scale format it does not declare: a failed check
         result.verdict, result.detail = FAIL, str(e).splitlines()[0]
         return result
+    if scaled and numerics == suite.numerics(op):
+        result.detail = f"scale_fmt {scaled} does not apply to numerics class {numerics}: judged in it unchanged"
     ref_op = suite.reference_op(op, numerics)
     cpu = torch.device("cpu")
     ref_out = _flat(ref_op(*inputs.make(dtype, dtype, cpu, suite.reference_hooks())))

@@ -179,6 +179,24 @@ def test_triton_backends_declare_ue8m0(name):
     assert set(backend.scale_fmt_ops["ue8m0"]) == {"linear", "moe_experts"}
 
 
+def test_manifest_scale_fmts_are_checked(tmp_path):
+    """A manifest's scale_fmts must name a known format on linear or moe_experts, and agree with the code."""
+    import dataclasses
+
+    from core.backend import Manifest
+    from core.errors import ContractError
+
+    cuda = registry.load("cuda")
+    with pytest.raises(ContractError, match="scale_fmts in the manifest .* and scale_fmt_ops in the code"):
+        dataclasses.replace(cuda, scale_fmt_ops={}).validate()
+    for entry, needle in (("rms_norm: {dtypes: [float32], scale_fmts: [ue8m0]}", "rms_norm.scale_fmts"),
+                          ("linear: {dtypes: [float32], numerics: w8a8, scale_fmts: [e8m0]}", "linear.scale_fmts")):
+        path = tmp_path / "manifest.yaml"
+        path.write_text(f"backend: x\noperators:\n  {entry}\n")
+        with pytest.raises(ContractError, match=needle):
+            Manifest.load(path)
+
+
 # -- a tiny V3.1-style checkpoint ----------------------------------------------------------------------------------
 
 PROMPT_LEN = 12  # the interpreter is slow

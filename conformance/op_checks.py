@@ -15,6 +15,7 @@ from conformance.compare import Errors, errors, routing_margins
 from conformance.context import FAIL, PASS, SKIP, CheckResult, Suite
 from conformance.inputs import build, fixed_dtype
 from core.backend import DTYPE_NAMES, SCALE_FORMAT_CLASSES
+from core.errors import UserError
 from core.ops import OPERATORS
 
 CASES = Path(__file__).resolve().parent / "cases" / "ops.yaml"
@@ -134,7 +135,7 @@ def check_case(suite: Suite, op: str, case: dict, dtype: torch.dtype, inputs=Non
         return result
     try:
         impl = getattr(suite.dispatch.scaled(scaled), op)
-    except Exception as e:  # a backend refused for a scale format it does not declare: a failed check
+    except UserError as e:  # a backend refused for a scale format it does not declare: a failed check
         result.verdict, result.detail = FAIL, str(e).splitlines()[0]
         return result
     if scaled and numerics == suite.numerics(op):

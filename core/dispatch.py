@@ -15,7 +15,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from core.backend import NUMERICS_CLASSES, SCALE_FORMAT_CLASSES, SCALED_OPERATORS, Backend, Limited
+from core.backend import (
+    NUMERICS_CLASSES,
+    SCALE_FORMAT_CLASSES,
+    SCALED_OPERATORS,
+    Backend,
+    Limited,
+)
 from core.errors import ContractError, UserError
 from core.ops import OPERATORS, PREPARE_HOOKS, WEIGHT_HOOK
 
@@ -91,7 +97,7 @@ class Dispatch:
         assert all(callable(getattr(self, h)) for h in PREPARE_HOOKS)
         self._scaled: dict[str, ScaledOps] = {}
 
-    def scaled(self, scale_fmt: str | None) -> "Dispatch | ScaledOps":
+    def scaled(self, scale_fmt: str | None) -> Dispatch | ScaledOps:
         """The operators for layers whose activation scales are in `scale_fmt` (None: this dispatch itself).
 
         linear and moe_experts of a class with FP8 activation scales (w8a8, w8a8_fnuz) run the backend's

@@ -14,7 +14,8 @@ from torch import Tensor
 from conformance.compare import Errors, errors, routing_margins
 from conformance.context import FAIL, PASS, SKIP, CheckResult, Suite
 from conformance.inputs import build, fixed_dtype
-from core.backend import DTYPE_NAMES
+from core.backend import DTYPE_NAMES, SCALE_FORMAT_CLASSES
+from core.errors import UserError
 from core.ops import OPERATORS
 
 CASES = Path(__file__).resolve().parent / "cases" / "ops.yaml"
@@ -106,6 +107,14 @@ def case_inputs(suite: Suite, op: str, case: dict):
     return build(op, case, torch.Generator().manual_seed(seed))
 
 
+def scaled_class(suite: Suite, op: str, case: dict) -> tuple[str, str | None]:
+    """(numerics class, activation scale format) of a case: a case with `scale_fmt` (DeepSeek-V3.1's "ue8m0"
+    layers) runs the operator core.dispatch.Dispatch.scaled gives and is judged in the class that format turns the
+    backend's into (unchanged for a class without FP8 activation scales: reference, w8a8_int8)."""
+    numerics, fmt = suite.numerics(op), case.get("scale_fmt")
+    return (SCALE_FORMAT_CLASSES[fmt].get(numerics, numerics) if fmt else numerics), fmt
+
+
 def check_case(suite: Suite, op: str, case: dict, dtype: torch.dtype, inputs=None) -> CheckResult:
     """One operator on one case in one working dtype. The backend always runs and meets the structural contract
     (shape, dtype, device, inputs untouched, repeatable); its numbers are judged unless the tolerance table skips
@@ -113,7 +122,7 @@ def check_case(suite: Suite, op: str, case: dict, dtype: torch.dtype, inputs=Non
     is reported as skipped: cpu_ref's numbers say nothing about the backend."""
     name = f"op/{op}/{case['name']}/{str(dtype).replace('torch.', '')}"
     dname = str(dtype).replace("torch.", "")
-    numerics = suite.numerics(op)
+    numerics, scaled = scaled_class(suite, op, case)
     tol = suite.tolerances.lookup(op, dname, numerics, suite.mode_name)
     result = CheckResult("op", name, op, SKIP, dname, tolerance=tol.rtol, tolerance_reason=tol.reason,
                          tolerance_source=tol.source)
@@ -124,7 +133,13 @@ def check_case(suite: Suite, op: str, case: dict, dtype: torch.dtype, inputs=Non
         result.detail = (f"block size {block_size} is not one {suite.backend.name} declares (cache.block_sizes: "
                          f"{suite.manifest.cache.describe()}): not run")
         return result
-    impl = getattr(suite.dispatch, op)
+    try:
+        impl = getattr(suite.dispatch.scaled(scaled), op)
+    except UserError as e:  # a backend refused for a scale format it does not declare: a failed check
+        result.verdict, result.detail = FAIL, str(e).splitlines()[0]
+        return result
+    if scaled and numerics == suite.numerics(op):
+        result.detail = f"scale_fmt {scaled} does not apply to numerics class {numerics}: judged in it unchanged"
     ref_op = suite.reference_op(op, numerics)
     cpu = torch.device("cpu")
     ref_out = _flat(ref_op(*inputs.make(dtype, dtype, cpu, suite.reference_hooks())))

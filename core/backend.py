@@ -7,7 +7,7 @@ defines `BACKEND = Backend(...)` and whose `manifest.yaml` declares what it impl
     description: one line
     operators:                       # every operator the code implements, and nothing else
       rms_norm: {dtypes: [bfloat16, float32]}
-      linear:   {dtypes: [bfloat16], weights: [float8_e4m3fn, bfloat16], numerics: w8a8}
+      linear:   {dtypes: [bfloat16], weights: [float8_e4m3fn, bfloat16], numerics: w8a8, scale_fmts: [ue8m0]}
     limits:                          # optional: inputs an operator hands to cpu_ref, visibly
       moe_gate: "only 256 routed experts; other counts run on cpu_ref"
     nondeterministic:                # optional: operators whose repeated runs may differ, with the reason
@@ -24,6 +24,8 @@ defines `BACKEND = Backend(...)` and whose `manifest.yaml` declares what it impl
 
 The schema (core/manifest_schema.py) refuses unknown keys and wrong types with one line naming the key. `backend` must
 be the descriptor's name; `description` and `toolchain` are shown in conformance reports.
+`scale_fmts` lists the activation-scale formats (core.config.SCALE_FORMATS, from a checkpoint's
+quantization_config.scale_fmt) the operator implements in `Backend.scale_fmt_ops` (see SCALE_FORMAT_CLASSES).
 
 Operators absent from the manifest fall back to cpu_ref on the backend's own device (printed in the dispatch table,
 refused under --strict). Registration fails if the code and the manifest disagree.
@@ -42,11 +44,21 @@ from core.manifest_schema import check_manifest
 from core.ops import OPERATORS, PREPARE_HOOKS, WEIGHT_HOOK, check_signature
 from core.safe_files import MAX_MANIFEST_BYTES, quote_name, quote_value, read_yaml_file
 
-NUMERICS_CLASSES = ("reference", "w8a8", "w8a8_fnuz", "w8a8_int8")
+NUMERICS_CLASSES = ("reference", "w8a8", "w8a8_fnuz", "w8a8_int8", "w8a8_ue8m0", "w8a8_fnuz_ue8m0")
 """`reference`: weights dequantised exactly, activations in the working dtype. `w8a8`: activations quantised per
 token per 128 channels to e4m3fn (s = max(amax, 1e-4)/448) before a block-scaled FP8 GEMM; `w8a8_fnuz`: the same
 with e4m3fnuz and 240 (AMD MI300); `w8a8_int8`: int8 weights per output channel and int8 activations per token
-(Ascend A2/A3, which have no FP8; see backends/cpu_ref/linear_int8.py)."""
+(Ascend A2/A3, which have no FP8; see backends/cpu_ref/linear_int8.py). `w8a8_ue8m0`, `w8a8_fnuz_ue8m0`: w8a8 and
+w8a8_fnuz with every activation scale rounded up to a power of two (DeepSeek-V3.1's scale_fmt "ue8m0"); a model
+runs them only on the layers where a UE8M0 checkpoint asks for them (SCALE_FORMAT_CLASSES)."""
+
+SCALE_FORMAT_CLASSES = {"ue8m0": {"w8a8": "w8a8_ue8m0", "w8a8_fnuz": "w8a8_fnuz_ue8m0"}}
+"""scale_fmt -> {numerics class -> the class an operator of that class runs in on a layer with activation scales in
+that format}. A class absent here has no FP8 activation scales for the format to apply to (`reference`: activations
+are not quantised, as in DeepSeek's own bf16 path; `w8a8_int8`: int8 per-token scales) and runs unchanged."""
+
+SCALED_OPERATORS = ("linear", "moe_experts")
+"""The operators whose numerics depend on the activation-scale format."""
 
 DTYPE_NAMES = {
     "float64": torch.float64,
@@ -97,6 +109,7 @@ class OperatorEntry:
     dtypes: tuple[str, ...]
     numerics: str = "reference"
     weights: tuple[str, ...] = ()
+    scale_fmts: tuple[str, ...] = ()
 
 
 DEFAULT_BLOCK_SIZE = 16
@@ -173,7 +186,7 @@ class Manifest:
             entry = entry or {}
             if not isinstance(entry, dict):
                 raise ContractError(f"{where}: operators.{name} must be a mapping like {{dtypes: [bfloat16]}}")
-            for key in ("dtypes", "weights"):
+            for key in ("dtypes", "weights", "scale_fmts"):
                 if not isinstance(entry.get(key, []), list):
                     raise ContractError(f"{where}: operators.{name}.{key} must be a list")
             dtypes = tuple(entry.get("dtypes", ()))
@@ -185,7 +198,13 @@ class Manifest:
                 raise ContractError(f"{where}: operators.{name}.numerics must be one of {NUMERICS_CLASSES}")
             if not dtypes:
                 raise ContractError(f"{where}: operators.{name} declares no dtypes")
-            entries[name] = OperatorEntry(dtypes, numerics, tuple(entry.get("weights", ())))
+            scale_fmts = tuple(entry.get("scale_fmts", ()))
+            for fmt in scale_fmts:
+                if fmt not in SCALE_FORMAT_CLASSES or name not in SCALED_OPERATORS:
+                    raise ContractError(f"{where}: operators.{name}.scale_fmts: {quote_value(fmt)} is not an "
+                                        f"activation-scale format of {name} (formats {sorted(SCALE_FORMAT_CLASSES)} "
+                                        f"apply to {', '.join(SCALED_OPERATORS)})")
+            entries[name] = OperatorEntry(dtypes, numerics, tuple(entry.get("weights", ())), scale_fmts)
         tolerances = tuple(data.get("tolerances") or ())
         for t in tolerances:
             if not isinstance(t, dict) or not {"op", "dtype", "reason"} <= set(t) or not str(t["reason"]).strip():
@@ -228,6 +247,9 @@ class Backend:
     communicator:  optional: ProcessGroup -> an object with all_reduce(x), all_gather(x, dim), all_to_all(x, splits)
                    and describe() (core.parallel.comm.Communicator), e.g. a custom all-reduce; None: torch.distributed
                    on `dist_backend` (core.parallel.comm.TorchDistributed).
+    scale_fmt_ops: optional: activation-scale format -> {operator -> implementation}, the operator in the class
+                   SCALE_FORMAT_CLASSES gives its own (e.g. {"ue8m0": {"linear": ..., "moe_experts": ...}} for a
+                   w8a8 backend); declared per operator under `scale_fmts` in the manifest.
     manifest:      attached by discovery from the backend's manifest.yaml.
     """
 
@@ -239,6 +261,7 @@ class Backend:
     prepare_linear: Callable | None = None
     prepare_experts: Callable | None = None
     communicator: Callable | None = None
+    scale_fmt_ops: dict[str, dict[str, Callable]] = field(default_factory=dict)
     manifest: Manifest | None = None
     origin: str = ""  # where discovery found it: a directory or an entry point
 
@@ -272,6 +295,20 @@ class Backend:
         for name in self.ops:
             if isinstance(self.ops[name], Limited) and name not in self.manifest.limits:
                 raise ContractError(f"{where}: {name} has input limits in code; describe them under 'limits'")
+        declared_fmts = {(fmt, op) for op, e in self.manifest.operators.items() for fmt in e.scale_fmts}
+        coded_fmts = {(fmt, op) for fmt, table in self.scale_fmt_ops.items() for op in table}
+        if declared_fmts != coded_fmts:
+            raise ContractError(f"{where}: scale_fmts in the manifest {sorted(declared_fmts)} and scale_fmt_ops in "
+                                f"the code {sorted(coded_fmts)} disagree")
+        for fmt, op in coded_fmts:
+            fn = self.scale_fmt_ops[fmt][op]
+            if isinstance(fn, Limited):
+                raise ContractError(f"backend {self.name}: scale_fmt_ops[{fmt!r}][{op!r}] must be a plain "
+                                    f"implementation (input limits would need a cpu_ref stand-in for the backend's "
+                                    f"own weight format)")
+            problem = check_signature(op, fn)
+            if problem:
+                raise ContractError(f"backend {self.name}: scale_fmt {fmt}: {problem}")
         assert set(PREPARE_HOOKS) == {"prepare_linear", "prepare_experts"}
 
 

@@ -3,6 +3,10 @@ it does not, and a table that says which is which.
 
 Fallback is decided once, when the dispatch is built, from what the backend declares; it is never a reaction to an
 exception. `strict=True` refuses a backend that leaves any operator to the reference.
+
+`Dispatch.scaled(scale_fmt)` is the same dispatch for the layers of a checkpoint whose activation scales come in
+another format (DeepSeek-V3.1's "ue8m0"): linear and moe_experts in the numerics class that format gives theirs
+(core.backend.SCALE_FORMAT_CLASSES), every other operator unchanged; the table says what it chose.
 """
 
 from __future__ import annotations
@@ -11,7 +15,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
-from core.backend import NUMERICS_CLASSES, Backend, Limited
+from core.backend import (
+    NUMERICS_CLASSES,
+    SCALE_FORMAT_CLASSES,
+    SCALED_OPERATORS,
+    Backend,
+    Limited,
+)
 from core.errors import ContractError, UserError
 from core.ops import OPERATORS, PREPARE_HOOKS, WEIGHT_HOOK
 
@@ -26,6 +36,7 @@ class Route:
     numerics: str = "reference"
     limit: str = ""  # the declared limit, for Limited operators
     limited_calls: Counter = field(default_factory=Counter)  # reason -> calls that went to cpu_ref
+    scaled: str = ""  # what serves the layers with another activation-scale format (Dispatch.scaled)
 
     def describe(self) -> str:
         text = self.source
@@ -38,6 +49,8 @@ class Route:
             text += f"; cpu_ref for inputs outside its limits ({self.limit})"
             if n:
                 text += f": {n} call{'s' if n != 1 else ''} so far"
+        if self.scaled:
+            text += f"; {self.scaled}"
         return text
 
 
@@ -82,6 +95,37 @@ class Dispatch:
             own = op in backend.ops and hook in backend.hooks()
             setattr(self, hook, (backend if own else reference).hooks()[hook])
         assert all(callable(getattr(self, h)) for h in PREPARE_HOOKS)
+        self._scaled: dict[str, ScaledOps] = {}
+
+    def scaled(self, scale_fmt: str | None) -> Dispatch | ScaledOps:
+        """The operators for layers whose activation scales are in `scale_fmt` (None: this dispatch itself).
+
+        linear and moe_experts of a class with FP8 activation scales (w8a8, w8a8_fnuz) run the backend's
+        implementation of the class SCALE_FORMAT_CLASSES names (Backend.scale_fmt_ops); a class without them
+        (reference, w8a8_int8) runs unchanged, which the table says. A backend whose FP8-activation class lacks the
+        format is refused in one line: its prepared weights are its own, so cpu_ref cannot stand in."""
+        if scale_fmt is None:
+            return self
+        if scale_fmt in self._scaled:
+            return self._scaled[scale_fmt]
+        if scale_fmt not in SCALE_FORMAT_CLASSES:
+            raise UserError(f"activation scale format {scale_fmt!r} is not one of {sorted(SCALE_FORMAT_CLASSES)}")
+        own = self.backend.scale_fmt_ops.get(scale_fmt, {})
+        impls: dict[str, Callable] = {}
+        for op in SCALED_OPERATORS:
+            route = self.routes[op]
+            target = SCALE_FORMAT_CLASSES[scale_fmt].get(route.numerics)
+            if target is None:
+                route.scaled = f"scale_fmt {scale_fmt} does not apply to numerics class {route.numerics}"
+                continue
+            if op not in own:
+                raise UserError(f"backend {self.backend.name}: {op} runs numerics class {route.numerics} but does not "
+                                f"implement the checkpoint's activation scale format {scale_fmt} "
+                                f"(quantization_config.scale_fmt; manifest operators.{op}.scale_fmts)")
+            impls[op] = own[op]
+            route.scaled = f"[{target}] on layers with {scale_fmt} activation scales"
+        self._scaled[scale_fmt] = ScaledOps(self, scale_fmt, impls)
+        return self._scaled[scale_fmt]
 
     @property
     def fallbacks(self) -> list[str]:
@@ -96,6 +140,18 @@ class Dispatch:
         lines = [f"{'operator'.ljust(width)}  implementation"]
         lines += [f"{op.ljust(width)}  {text}" for op, text in self.table().items()]
         return "\n".join(lines)
+
+
+class ScaledOps:
+    """A Dispatch seen from the layers with another activation-scale format: `linear` and `moe_experts` as
+    Dispatch.scaled chose them, every other attribute the dispatch's own (looked up at call time)."""
+
+    def __init__(self, dispatch: Dispatch, scale_fmt: str, impls: dict[str, Callable]):
+        self.dispatch, self.scale_fmt = dispatch, scale_fmt
+        self.__dict__.update(impls)
+
+    def __getattr__(self, name: str):
+        return getattr(self.dispatch, name)
 
 
 def _limited(entry: Limited, reference: Callable, calls: Counter, strict_name: str | None) -> Callable:

@@ -55,9 +55,22 @@ def quantize_blocks(weight: Tensor, block: int = FP8_BLOCK, fp8_dtype: torch.dty
     return q.view(*lead, gr * block, gc * block)[..., :rows, :cols].contiguous(), scale.float()
 
 
+def round_up_to_power_of_two(s: Tensor) -> Tensor:
+    """UE8M0 scales (DeepSeek-V3.1's `scale_fmt: "ue8m0"`): each positive finite s rounded UP to the nearest power
+    of two, 2^ceil(log2 s), exactly (s unchanged when it already is one). Computed from the exponent and mantissa
+    (frexp), not from a float32 log2: float32 log2(2^k (1 + 2^-23)) rounds to k for |k| >= 2, which would round
+    such an s DOWN (DeepSeek's Triton kernel computes exp2(ceil(log2 s)) in float32 and does so in that case).
+    Same shape and dtype as s."""
+    mantissa, exponent = torch.frexp(s)  # s = mantissa * 2^exponent, mantissa in [0.5, 1)
+    exponent = torch.where(mantissa == 0.5, exponent - 1, exponent)
+    return torch.ldexp(torch.ones_like(s), exponent)
+
+
 def quantize_activation(x: Tensor, block: int = FP8_BLOCK, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
-                        fp8_max: float = E4M3_MAX) -> tuple[Tensor, Tensor]:
+                        fp8_max: float = E4M3_MAX, ue8m0: bool = False) -> tuple[Tensor, Tensor]:
     """Per token, per 128 channels: s = max(amax, 1e-4) / fp8_max; q = (x / s) rounded to nearest even.
+    With `ue8m0` (DeepSeek-V3.1) s is then rounded up to a power of two (`round_up_to_power_of_two`), as
+    DeepSeek's act_quant does for `scale_fmt: "ue8m0"`: |x / s| stays <= fp8_max, and x / s is an exact scaling.
 
     x: [T, K] with K % 128 == 0 (true of every DeepSeek-V3 GEMM); a ragged last group is padded with zeros.
     Returns (q [T, K] fp8, s [T, ceil(K/128)] float32). Division, not multiplication by 1/s, as DeepSeek's kernel."""
@@ -68,5 +81,7 @@ def quantize_activation(x: Tensor, block: int = FP8_BLOCK, fp8_dtype: torch.dtyp
         xf = torch.nn.functional.pad(xf, (0, g * block - k))
     blocks = xf.view(t, g, block)
     s = blocks.abs().amax(dim=-1).clamp_min(ACT_SCALE_FLOOR) / fp8_max
+    if ue8m0:
+        s = round_up_to_power_of_two(s)
     q = (blocks / s[..., None]).to(fp8_dtype).view(t, g * block)[:, :k]
     return q, s

@@ -13,7 +13,7 @@ from core.safe_files import quote_name, quote_value
 
 TOP_KEYS = {"backend": "a string", "description": "a string", "operators": "a mapping", "limits": "a mapping",
             "nondeterministic": "a mapping", "tolerances": "a list", "toolchain": "a mapping", "cache": "a mapping"}
-OPERATOR_KEYS = ("dtypes", "numerics", "weights")
+OPERATOR_KEYS = ("dtypes", "numerics", "weights", "scale_fmts")
 BLOCKS = ("mla_block", "moe_block")  # block-level checks a tolerance override may name besides the operators
 MODES = ("normal", "interpret", "simulate")
 OVERRIDE_KEYS = {

@@ -43,7 +43,12 @@ class Model:
         self.cfg, self.w, self.ops, self.device, self.dtype = cfg, weights, ops, device, dtype
         self.parallel = parallel or Parallel()
         self.comm = self.parallel.comm
-        self.routed_experts = self.parallel.routed_experts(ops)  # this rank's share of the routed-expert sum
+        # DeepSeek-V3.1 (quantization_config.scale_fmt "ue8m0"): its inference code rounds activation scales up to
+        # powers of two in the plain `Linear` layers only: q_a, kv_a and the routed experts (q_b, kv_b, o, the dense
+        # MLP and the shared experts are Column/RowParallelLinear, which do not pass scale_fmt). The same layers of
+        # the MTP module follow the same rule. Only numerics classes that quantise activations to FP8 change.
+        self.scaled_ops = ops.scaled(cfg.scale_fmt)
+        self.routed_experts = self.parallel.routed_experts(self.scaled_ops)  # this rank's share of the expert sum
         self.rope = RotaryTable(cfg.rope, device, dtype)
         self.eps = cfg.rms_norm_eps
         self.router_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -81,8 +86,8 @@ class Model:
 
     # -- operators with the layer's parameters ---------------------------------------------------------------------
 
-    def _linear(self, x: Tensor, lin: Linear) -> Tensor:
-        y = self.ops.linear(x, lin.weight)
+    def _linear(self, x: Tensor, lin: Linear, ops=None) -> Tensor:
+        y = (ops or self.ops).linear(x, lin.weight)
         return y if lin.bias is None else y + lin.bias
 
     def _mlp(self, m: MLP, x: Tensor) -> Tensor:
@@ -110,10 +115,10 @@ class Model:
         if a.q is not None:
             q = self._linear(x, a.q)
         else:
-            q = self._linear(ops.rms_norm(self._linear(x, a.q_a), a.q_a_norm, self.eps), a.q_b)
+            q = self._linear(ops.rms_norm(self._linear(x, a.q_a, self.scaled_ops), a.q_a_norm, self.eps), a.q_b)
         q = q.view(t, h, nope + pe)
         q_nope, q_pe = q[..., :nope], ops.apply_rope(q[..., nope:], cos, sin)
-        kv = self._linear(x, a.kv_a)
+        kv = self._linear(x, a.kv_a, self.scaled_ops)
         latent = ops.rms_norm(kv[:, :r], a.kv_a_norm, self.eps)
         k_pe = ops.apply_rope(kv[:, None, r:], cos, sin)[:, 0]
         cache.view(-1, cache.shape[-1])[batch.slot_mapping] = torch.cat([latent, k_pe], dim=-1)

@@ -129,7 +129,10 @@ def linear(x: Tensor, w: object) -> Tensor:
     x: [T, K] working dtype (float32 for the MoE gate's logits).  w: what this backend's `prepare_linear` returned
     for a weight of shape [N, K]. Returns [T, N] in x.dtype. FP8 weights are dequantised with their 128x128 block
     scales (`LinearWeight`); a backend that quantises activations declares the `w8a8` numerics class in its
-    manifest and is judged against the reference's W8A8 emulation instead.
+    manifest and is judged against the reference's W8A8 emulation instead. On the layers where a DeepSeek-V3.1
+    checkpoint asks for UE8M0 activation scales (quantization_config.scale_fmt "ue8m0": q_a, kv_a and the routed
+    experts), the model calls the backend's `scale_fmt_ops["ue8m0"]` variant instead (class `w8a8_ue8m0`: each
+    per-128 activation scale rounded up to a power of two; core.dispatch.Dispatch.scaled).
     """
 
 

@@ -188,6 +188,35 @@ def test_a_256_expert_model_routes_through_npu_moe_gating_top_k():
     assert our_ids == ref_ids and rel_err(ours, ref) < 1e-5
 
 
+def test_a_kimi_k2_shaped_model_takes_the_384_expert_gating_kernel():
+    """Kimi-K2's routing (384 experts in one group, top-8, sigmoid, renormalised, x2.827) at model level: every gate
+    call runs npu_moe_gating_top_k's 384-expert mode (recorded: x (T, 384), group_count 1, k 8, sigmoid,
+    routed_scaling_factor 2.827), none goes to cpu_ref, and tokens and logits equal cpu_ref's in float32."""
+    from tests.ascend_support import Recorder, using
+
+    config = {**DEFAULT_CONFIG, "model_type": "kimi_k2", "hidden_size": 128, "intermediate_size": 192,
+              "moe_intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 8,
+              "num_key_value_heads": 8, "n_routed_experts": 384, "n_group": 1, "topk_group": 1,
+              "num_experts_per_tok": 8, "routed_scaling_factor": 2.827, "num_nextn_predict_layers": 0,
+              "vocab_size": 256}
+    source = MemoryCheckpoint(ModelConfig.from_dict(config, "Kimi-K2-shaped"),
+                              checkpoint_tensors(float_state_dict(config, seed=11), fp8=False), "384 experts, bf16")
+    prompt = list(range(2, 12))
+    rec = Recorder()
+    with using(rec):
+        ours, our_ids, ops = _logits_and_tokens(source, "ascend", torch.float32, prompt, 2)
+    ref, ref_ids, _ = _logits_and_tokens(source, "cpu_ref", torch.float32, prompt, 2)
+    gate_calls = [(args, kw) for name, args, kw in rec.calls if name == "npu_moe_gating_top_k"]
+    moe_layers = config["num_hidden_layers"] - config["first_k_dense_replace"]
+    assert len(gate_calls) == moe_layers * 3, "prefill, teacher forcing and one decode step per MoE layer"
+    for args, kw in gate_calls:
+        assert args[0].shape[1] == 384 and args[1] == 8
+        assert (kw["group_count"], kw["k_group"], kw["norm_type"], kw["renorm"]) == (1, 1, 1, 0)
+        assert kw["routed_scaling_factor"] == pytest.approx(2.827)
+    assert ops.routes["moe_gate"].limited_calls == {}, "no gate call went to cpu_ref"
+    assert our_ids == ref_ids and rel_err(ours, ref) < 1e-5
+
+
 # -- the W8A8 int8 descriptor ------------------------------------------------------------------------------------
 
 
@@ -199,3 +228,21 @@ def test_w8a8_descriptor():
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "[w8a8_int8]" in report["dispatch"]["linear"] and len(report["output_ids"]) == 4
+
+
+@pytest.mark.skipif(HAS_TORCH_NPU, reason="torch_npu is installed here")
+def test_v31_ue8m0_checkpoint_on_ascend_says_the_format_does_not_apply(tmp_path):
+    """A V3.1 checkpoint (scale_fmt ue8m0) runs on ascend_w8a8: A2/A3 have no FP8, so its int8 per-token activation
+    scales stay as they are, and the dispatch table says the format does not apply (the declared limit)."""
+    from core.default_model import DEFAULT_CONFIG, float_state_dict, write_checkpoint
+
+    config = {**DEFAULT_CONFIG, "num_hidden_layers": 2, "num_nextn_predict_layers": 0,
+              "quantization_config": {**DEFAULT_CONFIG["quantization_config"], "scale_fmt": "ue8m0"}}
+    write_checkpoint(tmp_path, checkpoint_tensors(float_state_dict(config, seed=5)), config)
+    env = {"DSV3_BACKENDS_PATH": str(ROOT / "backends" / "ascend" / "variants")}
+    proc = run_cli("core.run", "--backend", "ascend_w8a8", "--simulate", "--model", str(tmp_path), "--dtype",
+                   "bfloat16", "--prompt-ids", "0,71,104,104", "--max-new-tokens", "2", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    dispatch = json.loads(proc.stdout.strip().splitlines()[-1])["dispatch"]
+    for op in ("linear", "moe_experts"):
+        assert dispatch[op].endswith("[w8a8_int8]; scale_fmt ue8m0 does not apply to numerics class w8a8_int8"), dispatch

@@ -11,9 +11,24 @@ import torch
 
 from backends.cpu_ref.activation import silu_and_mul
 from backends.cpu_ref.attention import attention_prefill, mla_decode
-from backends.cpu_ref.linear import linear, linear_w8a8, linear_w8a8_fnuz, prepare_linear
+from backends.cpu_ref.linear import (
+    linear,
+    linear_w8a8,
+    linear_w8a8_fnuz,
+    linear_w8a8_fnuz_ue8m0,
+    linear_w8a8_ue8m0,
+    prepare_linear,
+)
 from backends.cpu_ref.linear_int8 import linear_w8a8_int8, moe_experts_w8a8_int8
-from backends.cpu_ref.moe import moe_experts, moe_experts_w8a8, moe_experts_w8a8_fnuz, moe_gate, prepare_experts
+from backends.cpu_ref.moe import (
+    moe_experts,
+    moe_experts_w8a8,
+    moe_experts_w8a8_fnuz,
+    moe_experts_w8a8_fnuz_ue8m0,
+    moe_experts_w8a8_ue8m0,
+    moe_gate,
+    prepare_experts,
+)
 from backends.cpu_ref.norm import add_rms_norm, rms_norm
 from backends.cpu_ref.rope import apply_rope
 from core.backend import Availability, Backend, RunMode
@@ -35,6 +50,8 @@ NUMERICS = {
     "w8a8": {**OPS, "linear": linear_w8a8, "moe_experts": moe_experts_w8a8},
     "w8a8_fnuz": {**OPS, "linear": linear_w8a8_fnuz, "moe_experts": moe_experts_w8a8_fnuz},
     "w8a8_int8": {**OPS, "linear": linear_w8a8_int8, "moe_experts": moe_experts_w8a8_int8},
+    "w8a8_ue8m0": {**OPS, "linear": linear_w8a8_ue8m0, "moe_experts": moe_experts_w8a8_ue8m0},
+    "w8a8_fnuz_ue8m0": {**OPS, "linear": linear_w8a8_fnuz_ue8m0, "moe_experts": moe_experts_w8a8_fnuz_ue8m0},
 }
 """Numerics class -> the reference operators that define it (what conformance compares a backend with)."""
 

@@ -1,5 +1,6 @@
 """Linear layers: exact dequantisation of FP8 block weights (numerics class `reference`) and the W8A8 emulation
-(classes `w8a8` and `w8a8_fnuz`) that activation-quantising backends are judged against."""
+(classes `w8a8` and `w8a8_fnuz`, and their DeepSeek-V3.1 variants `w8a8_ue8m0` and `w8a8_fnuz_ue8m0` with
+power-of-two activation scales) that activation-quantising backends are judged against."""
 
 from __future__ import annotations
 
@@ -34,24 +35,28 @@ def dequantize_activation(q: Tensor, s: Tensor, dtype: torch.dtype) -> Tensor:
     return q.to(dtype) * s.to(dtype).repeat_interleave(FP8_BLOCK, dim=-1)[:, : q.shape[-1]]
 
 
-def w8a8_roundtrip(x: Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> Tensor:
-    """What a W8A8 kernel actually multiplies: x quantised per token per 128 channels, in the compute dtype."""
-    q, s = quantize_activation(x.reshape(-1, x.shape[-1]), fp8_dtype=fp8_dtype, fp8_max=fp8_max)
+def w8a8_roundtrip(x: Tensor, fp8_dtype: torch.dtype, fp8_max: float, ue8m0: bool = False) -> Tensor:
+    """What a W8A8 kernel actually multiplies: x quantised per token per 128 channels, in the compute dtype
+    (`ue8m0`: with power-of-two scales, core.fp8.quantize_activation)."""
+    q, s = quantize_activation(x.reshape(-1, x.shape[-1]), fp8_dtype=fp8_dtype, fp8_max=fp8_max, ue8m0=ue8m0)
     return dequantize_activation(q, s, compute_dtype(x.dtype)).reshape(x.shape)
 
 
 def linear_w8a8(x: Tensor, w: LinearWeight, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
-                fp8_max: float = E4M3_MAX) -> Tensor:
-    """W8A8 emulation: activations quantised per token per 128 channels (s = max(amax, 1e-4)/fp8_max), then
-    `sum_kb (qa . qw)[kb] * s_a[kb] * S_w[n//128, kb]`, i.e. the dequantised product, accumulated in float32.
+                fp8_max: float = E4M3_MAX, ue8m0: bool = False) -> Tensor:
+    """W8A8 emulation: activations quantised per token per 128 channels (s = max(amax, 1e-4)/fp8_max, rounded up
+    to a power of two with `ue8m0`), then `sum_kb (qa . qw)[kb] * s_a[kb] * S_w[n//128, kb]`, i.e. the dequantised
+    product, accumulated in float32. Weight scales are used as published in either case.
     Weights that are not FP8 (the router, eh_proj, lm_head) take the `reference` path."""
     if w.weight.dtype not in FP8_DTYPES:
         return linear(x, w)
     ct = compute_dtype(x.dtype)
-    a = w8a8_roundtrip(x, fp8_dtype, fp8_max)
+    a = w8a8_roundtrip(x, fp8_dtype, fp8_max, ue8m0)
     n, k = w.weight.shape
     weight = w.weight.to(ct) * expand_scales(w.scale_inv.to(ct), n, k)
     return (a @ weight.T).to(x.dtype)
 
 
 linear_w8a8_fnuz = partial(linear_w8a8, fp8_dtype=torch.float8_e4m3fnuz, fp8_max=240.0)
+linear_w8a8_ue8m0 = partial(linear_w8a8, ue8m0=True)
+linear_w8a8_fnuz_ue8m0 = partial(linear_w8a8, fp8_dtype=torch.float8_e4m3fnuz, fp8_max=240.0, ue8m0=True)

@@ -85,12 +85,17 @@ def moe_experts(x: Tensor, experts: ExpertWeights, weights: Tensor, ids: Tensor)
 
 
 def moe_experts_w8a8(x: Tensor, experts: ExpertWeights, weights: Tensor, ids: Tensor,
-                     fp8_dtype: torch.dtype = torch.float8_e4m3fn, fp8_max: float = E4M3_MAX) -> Tensor:
+                     fp8_dtype: torch.dtype = torch.float8_e4m3fn, fp8_max: float = E4M3_MAX,
+                     ue8m0: bool = False) -> Tensor:
     """The W8A8 class: the expert input and the SwiGLU output are quantised per token per 128 channels before their
-    GEMMs (FP8 experts only; float experts take the reference path)."""
+    GEMMs (FP8 experts only; float experts take the reference path). `ue8m0` (classes w8a8_ue8m0,
+    w8a8_fnuz_ue8m0): both activation scales rounded up to powers of two (DeepSeek-V3.1's experts are plain
+    `Linear`s, which pass scale_fmt to act_quant)."""
     if experts.gate_scale is None:
         return moe_experts(x, experts, weights, ids)
-    return _moe_experts(x, experts, weights, ids, lambda a: w8a8_roundtrip(a, fp8_dtype, fp8_max))
+    return _moe_experts(x, experts, weights, ids, lambda a: w8a8_roundtrip(a, fp8_dtype, fp8_max, ue8m0))
 
 
 moe_experts_w8a8_fnuz = partial(moe_experts_w8a8, fp8_dtype=torch.float8_e4m3fnuz, fp8_max=240.0)
+moe_experts_w8a8_ue8m0 = partial(moe_experts_w8a8, ue8m0=True)
+moe_experts_w8a8_fnuz_ue8m0 = partial(moe_experts_w8a8, fp8_dtype=torch.float8_e4m3fnuz, fp8_max=240.0, ue8m0=True)

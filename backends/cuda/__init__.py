@@ -23,6 +23,7 @@ BACKEND = Backend(
     dist_backend="nccl",
     probe=partial(_probe, tuning=TUNING),
     ops=triton_kernels.operator_table(TUNING),
+    scale_fmt_ops=triton_kernels.scale_fmt_table(TUNING),
     prepare_linear=triton_kernels.prepare_linear,
     prepare_experts=triton_kernels.prepare_experts,
 )

@@ -51,6 +51,7 @@ BACKEND = Backend(
     dist_backend="nccl",  # RCCL, under torch.distributed's "nccl" name
     probe=partial(_probe, tuning=TUNING),
     ops=triton_kernels.operator_table(TUNING),
+    scale_fmt_ops=triton_kernels.scale_fmt_table(TUNING),
     prepare_linear=prepare_linear,
     prepare_experts=prepare_experts,
 )

@@ -70,6 +70,13 @@ def linear(x: Tensor, w: object, cfg: Cfg = None) -> Tensor:
     return impl(x, w, cfg=cfg)
 
 
+def linear_ue8m0(x: Tensor, w: object, cfg: Cfg = None) -> Tensor:
+    """linear with UE8M0 (power-of-two) activation scales: DeepSeek-V3.1's scale_fmt "ue8m0" (linear_layer.py)."""
+    from backends.triton_kernels.linear_layer import linear as impl
+
+    return impl(x, w, cfg=cfg, ue8m0=True)
+
+
 def moe_gate(logits: Tensor, bias: Tensor | None, top_k: int, n_group: int, topk_group: int, scale: float,
              renorm: bool, scoring: str = "sigmoid", group_score: str = "top2_sum",
              cfg: Cfg = None) -> tuple[Tensor, Tensor]:
@@ -85,6 +92,13 @@ def moe_experts(x: Tensor, experts: object, weights: Tensor, ids: Tensor, cfg: C
     from backends.triton_kernels.moe import moe_experts as impl
 
     return impl(x, experts, weights, ids, cfg=cfg)
+
+
+def moe_experts_ue8m0(x: Tensor, experts: object, weights: Tensor, ids: Tensor, cfg: Cfg = None) -> Tensor:
+    """moe_experts with UE8M0 (power-of-two) activation scales: DeepSeek-V3.1's scale_fmt "ue8m0" (moe.py)."""
+    from backends.triton_kernels.moe import moe_experts as impl
+
+    return impl(x, experts, weights, ids, cfg=cfg, ue8m0=True)
 
 
 def attention_prefill(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, scale: float,
@@ -123,6 +137,17 @@ OPERATORS: dict[str, Callable] = {f.__name__: f for f in (rms_norm, add_rms_norm
                                                           attention_prefill, mla_decode, moe_gate, moe_experts)}
 
 
+SCALE_FMT_OPERATORS: dict[str, dict[str, Callable]] = {"ue8m0": {"linear": linear_ue8m0,
+                                                                 "moe_experts": moe_experts_ue8m0}}
+
+
 def operator_table(tuning: Any) -> dict[str, Callable]:
     """Every operator bound to its tuning: `tuning.view(name)` (a tuning.TuningTable) becomes its `cfg`."""
     return {name: partial(fn, cfg=tuning.view(name)) for name, fn in OPERATORS.items()}
+
+
+def scale_fmt_table(tuning: Any) -> dict[str, dict[str, Callable]]:
+    """Backend.scale_fmt_ops: the activation-scale-format variants of linear and moe_experts, bound to the same
+    tuning as the operators themselves."""
+    return {fmt: {name: partial(fn, cfg=tuning.view(name)) for name, fn in ops.items()}
+            for fmt, ops in SCALE_FMT_OPERATORS.items()}

@@ -39,13 +39,14 @@ def prepare_linear(weight: Tensor, scale_inv: Tensor | None) -> PreparedLinear:
     return PreparedLinear(weight.contiguous(), None)
 
 
-def linear(x: Tensor, w: PreparedLinear, cfg: Mapping[str, Any] | None = None) -> Tensor:
+def linear(x: Tensor, w: PreparedLinear, cfg: Mapping[str, Any] | None = None, ue8m0: bool = False) -> Tensor:
     """`x @ W.T` with float32 accumulation; returns a new [T, N] tensor in x.dtype.
 
     x: [T, K] float32/bfloat16/float16, any strides (e.g. a column slice); T may be 0.
     FP8 weights: x is quantised per token per 128 channels to the weight's FP8 flavour, then the block-scaled FP8
     GEMM runs (W8A8). Float weights: a float GEMM (IEEE float32 when either operand is float32, e.g. the router).
     cfg: `quant` (quantize_activation's config), `gemm` (gemm.gemm's buckets), `fp8_dot`, `dot_fp32`, `num_sms`.
+    ue8m0: activation scales rounded up to powers of two (classes w8a8_ue8m0 / w8a8_fnuz_ue8m0).
     """
     cfg = cfg or {}
     if x.dim() != 2 or x.shape[1] != w.in_features:
@@ -54,5 +55,5 @@ def linear(x: Tensor, w: PreparedLinear, cfg: Mapping[str, Any] | None = None) -
         return x.new_empty(0, w.out_features)
     if not w.fp8:
         return gemm(x, w.weight, x.dtype, cfg=cfg)
-    q, s = quantize_activation(x, w.weight.dtype, cfg.get("quant"))
+    q, s = quantize_activation(x, w.weight.dtype, cfg.get("quant"), ue8m0)
     return gemm(q, w.weight, x.dtype, a_scale=s, b_scale=w.scale_inv, cfg=cfg)

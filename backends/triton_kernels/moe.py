@@ -76,10 +76,11 @@ def _moe_gate_up_kernel(
     stride_xm, stride_xsm, stride_we, stride_wn, stride_wse, stride_wsn, stride_hm, stride_hsm,
     TOP_K: tl.constexpr, HAS_SCALES: tl.constexpr, QUANT_OUT: tl.constexpr, DOT_DTYPE: tl.constexpr,
     IEEE: tl.constexpr, FP8_BIAS: tl.constexpr, FP8_MAX: tl.constexpr, OUT_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UE8M0: tl.constexpr,
 ):
     """Grid (num_blocks * cdiv(I, BLOCK_N),): h[pair, n] = silu(x[tok] . gate_e[n]) * (x[tok] . up_e[n]).
-    With QUANT_OUT, h_ptr is uint8 and receives e4m3 codes (exponent bias OUT_BIAS, max FP8_MAX)."""
+    With QUANT_OUT, h_ptr is uint8 and receives e4m3 codes (exponent bias OUT_BIAS, max FP8_MAX; UE8M0:
+    power-of-two scales)."""
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(I, BLOCK_N)
     block = pid // num_pid_n
@@ -123,7 +124,7 @@ def _moe_gate_up_kernel(
     h_ptrs = h_ptr + pairs.to(tl.int64)[:, None] * stride_hm + offs_n[None, :]
     mask = row_ok[:, None] & n_ok[None, :]
     if QUANT_OUT:  # BLOCK_N == 128: this tile is one quantisation group of h
-        q, s = quantize_tile(h, FP8_MAX, OUT_BIAS)
+        q, s = quantize_tile(h, FP8_MAX, OUT_BIAS, UE8M0)
         tl.store(h_ptrs, q, mask=mask)
         tl.store(hs_ptr + pairs.to(tl.int64) * stride_hsm + pid_n, s, mask=row_ok)
     else:
@@ -200,7 +201,7 @@ def _gemm_tile(bucket: Mapping[str, Any], which: str, fp8: bool) -> dict[str, An
 
 
 def _gate_up(xa: Tensor, xs: Tensor, experts: PreparedExperts, align: Alignment, top_k: int,
-             tile: Mapping[str, Any], cfg: Mapping[str, Any]) -> tuple[Tensor, Tensor]:
+             tile: Mapping[str, Any], cfg: Mapping[str, Any], ue8m0: bool = False) -> tuple[Tensor, Tensor]:
     """h = silu(x W_gate^T) * (x W_up^T) per (token, slot) pair: [T*k, I]. FP8 experts: (codes, scales [T*k,
     ceil(I/128)]) when BLOCK_N = 128 (quantised in the epilogue), else float32 h quantised by the act-quant kernel."""
     pairs, inter, fp8 = xa.shape[0] * top_k, experts.intermediate_size, experts.fp8
@@ -220,11 +221,11 @@ def _gate_up(xa: Tensor, xs: Tensor, experts: PreparedExperts, align: Alignment,
         h.stride(0), hs.stride(0),
         TOP_K=top_k, HAS_SCALES=fp8, QUANT_OUT=quant_out, DOT_DTYPE=plan.dtype, IEEE=plan.ieee,
         FP8_BIAS=plan.fp8_bias, FP8_MAX=fmt.max if fp8 else 0.0, OUT_BIAS=fmt.exponent_bias if fp8 else 0,
-        BLOCK_M=align.block_m, BLOCK_N=block_n, BLOCK_K=int(tile["BLOCK_K"]),
+        BLOCK_M=align.block_m, BLOCK_N=block_n, BLOCK_K=int(tile["BLOCK_K"]), UE8M0=bool(ue8m0),
         **launch_options(tile, num_warps=4, num_stages=3),
     )
     if fp8 and not quant_out:
-        return quantize_activation(h, fmt.dtype, cfg.get("quant"))
+        return quantize_activation(h, fmt.dtype, cfg.get("quant"), ue8m0)
     return h, hs
 
 
@@ -260,14 +261,15 @@ def _combine(y: Tensor, top_k: int, out: Tensor, cfg: Mapping[str, Any]) -> None
 
 
 def moe_experts(x: Tensor, experts: PreparedExperts, weights: Tensor, ids: Tensor,
-                cfg: Mapping[str, Any] | None = None) -> Tensor:
+                cfg: Mapping[str, Any] | None = None, ue8m0: bool = False) -> Tensor:
     """The routed-expert sum (core.ops.moe_experts). x: [T, D] float32/bfloat16/float16 (any row stride);
     experts: PreparedExperts (FP8 -> W8A8 numerics); weights: [T, k] float32; ids: [T, k] int in [0, E), or -1
     for an expert held by another process (no block computes it; its row of the combine is zero).
 
     cfg: `buckets`, a list of {max_tokens, BLOCK_M, gate_up: {BLOCK_N, BLOCK_K, num_warps, num_stages, ...},
     down: {...}} (the first whose max_tokens >= T is used); `quant` (activation-quant config); `sum` (combine:
-    BLOCK_T, BLOCK_D); `fp8_dot`, `dot_fp32`. Returns a new [T, D] tensor in x.dtype; the combine over the k
+    BLOCK_T, BLOCK_D); `fp8_dot`, `dot_fp32`. ue8m0: both activation quantisations (the expert input and the
+    SwiGLU output) with power-of-two scales (classes w8a8_ue8m0 / w8a8_fnuz_ue8m0). Returns a new [T, D] tensor in x.dtype; the combine over the k
     experts is float32.
     """
     cfg = cfg or {}
@@ -281,10 +283,10 @@ def moe_experts(x: Tensor, experts: PreparedExperts, weights: Tensor, ids: Tenso
     if x.stride(1) != 1:
         x = x.contiguous()
     if experts.fp8:
-        xa, xs = quantize_activation(x, experts.gate.dtype, cfg.get("quant"))
+        xa, xs = quantize_activation(x, experts.gate.dtype, cfg.get("quant"), ue8m0)
     else:
         xa, xs = x, x  # xs: a dummy, never read
-    h, hs = _gate_up(xa, xs, experts, align, top_k, _gemm_tile(bucket, "gate_up", experts.fp8), cfg)
+    h, hs = _gate_up(xa, xs, experts, align, top_k, _gemm_tile(bucket, "gate_up", experts.fp8), cfg, ue8m0)
     y = _down(h, hs, experts, weights, align, _gemm_tile(bucket, "down", experts.fp8), cfg)
     y.masked_fill_(ids.reshape(-1, 1) < 0, 0.0)  # pairs of experts held by another process: never written
     _combine(y, top_k, out, cfg.get("sum", {}))

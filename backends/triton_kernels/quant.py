@@ -1,7 +1,10 @@
 """Per-token, per-128-channel FP8 activation quantisation: the A side of W8A8 (deepseek_v3_semantics.md §7).
 
     s = max(amax(|x[t, 128g : 128g+128]|), 1e-4) / fp8_max        (float32, IEEE division)
+    s = 2^ceil(log2 s)                                               (UE8M0 only: DeepSeek-V3.1's scale_fmt)
     q = round_to_nearest_even(x / s)  as e4m3fn (max 448) or e4m3fnuz (max 240)
+
+The UE8M0 rounding is done on the bits (`round_scale_up_to_power_of_two`), exactly as core.fp8 defines it.
 
 Rounding is done explicitly on the float32 value (`round_to_fp8_grid`) and the code is assembled from its bits
 (`fp8_grid_to_bits`), so no FP8 conversion instruction is involved: the kernel is bit-faithful on every target,
@@ -78,10 +81,21 @@ def dot_operand(x, DOT_DTYPE: tl.constexpr, FP8_BIAS: tl.constexpr):
 
 
 @triton.jit
-def quantize_tile(x, FP8_MAX: tl.constexpr, EXP_BIAS: tl.constexpr):
-    """A [ROWS, 128] float32 tile (masked entries 0) -> (uint8 e4m3 codes, float32 scales [ROWS])."""
+def round_scale_up_to_power_of_two(s):
+    """Positive normal float32 scales -> 2^ceil(log2 s), exactly: adding 2^23 - 1 to the bits carries into the
+    exponent unless the mantissa is already zero; masking the mantissa then leaves the power of two."""
+    bits = s.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFFFF) & 0x7F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def quantize_tile(x, FP8_MAX: tl.constexpr, EXP_BIAS: tl.constexpr, UE8M0: tl.constexpr = False):
+    """A [ROWS, 128] float32 tile (masked entries 0) -> (uint8 e4m3 codes, float32 scales [ROWS]); UE8M0: scales
+    rounded up to powers of two."""
     amax = tl.max(tl.abs(x), axis=1)
     s = tl.div_rn(tl.maximum(amax, 1e-4), tl.full(amax.shape, FP8_MAX, tl.float32))
+    if UE8M0:
+        s = round_scale_up_to_power_of_two(s)
     q = round_to_fp8_grid(tl.div_rn(x, s[:, None]), FP8_MAX, EXP_BIAS)
     return fp8_grid_to_bits(q, EXP_BIAS), s
 
@@ -92,6 +106,7 @@ def _act_quant_kernel(
     M, K,
     stride_xm, stride_qm, stride_sm,
     FP8_MAX: tl.constexpr, EXP_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_K: tl.constexpr,
+    UE8M0: tl.constexpr,
 ):
     """Grid (cdiv(M, BLOCK_M), cdiv(K, 128)): one 128-channel group of BLOCK_M rows per program; q_ptr: uint8."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -101,18 +116,18 @@ def _act_quant_kernel(
     mask = row_ok[:, None] & (cols[None, :] < K)
     rows64 = rows.to(tl.int64)
     x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    q, s = quantize_tile(x, FP8_MAX, EXP_BIAS)
+    q, s = quantize_tile(x, FP8_MAX, EXP_BIAS, UE8M0)
     tl.store(q_ptr + rows64[:, None] * stride_qm + cols[None, :], q, mask=mask)
     tl.store(s_ptr + rows64 * stride_sm + group, s, mask=row_ok)
 
 
 def quantize_activation(x: Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
-                        cfg: Mapping[str, Any] | None = None) -> tuple[Tensor, Tensor]:
+                        cfg: Mapping[str, Any] | None = None, ue8m0: bool = False) -> tuple[Tensor, Tensor]:
     """Quantise activations per token per 128 channels (core.fp8.quantize_activation, on the device).
 
     x: [M, K] float32/bfloat16/float16, any row stride (unit stride along K is made if missing).
     fp8_dtype: torch.float8_e4m3fn (max 448) or torch.float8_e4m3fnuz (max 240).
-    cfg: BLOCK_M (rows per program), num_warps. Returns (q [M, K] fp8_dtype, s [M, ceil(K/128)] float32), new
+    cfg: BLOCK_M (rows per program), num_warps. ue8m0: scales rounded up to powers of two. Returns (q [M, K] fp8_dtype, s [M, ceil(K/128)] float32), new
     contiguous tensors; a ragged last group is quantised over its real channels only.
     """
     cfg = cfg or {}
@@ -128,7 +143,7 @@ def quantize_activation(x: Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
     block_m = int(cfg.get("BLOCK_M", 16))
     _act_quant_kernel[(triton.cdiv(m, block_m), groups)](
         x, q.view(torch.uint8), s, m, k, x.stride(0), q.stride(0), s.stride(0),
-        FP8_MAX=fmt.max, EXP_BIAS=fmt.exponent_bias, BLOCK_M=block_m, GROUP_K=GROUP,
+        FP8_MAX=fmt.max, EXP_BIAS=fmt.exponent_bias, BLOCK_M=block_m, GROUP_K=GROUP, UE8M0=bool(ue8m0),
         **launch_options(cfg, num_warps=4, num_stages=1),
     )
     return q, s

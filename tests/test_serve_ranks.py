@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import random
 import signal
 import string
@@ -29,8 +30,9 @@ import torch
 
 openai = pytest.importorskip("openai")
 
-from core.engine.engine import EngineConfig  # noqa: E402
+from core.engine.engine import Engine, EngineConfig  # noqa: E402
 from core.engine.llm import LLM  # noqa: E402
+from core.serve.ranks import LeaderEngine, follow  # noqa: E402
 from tests.helpers import fresh_seed  # noqa: E402
 from tests.serve_support import MODEL, ROOT, free_port  # noqa: E402
 
@@ -204,6 +206,80 @@ def completion_text(c, prompt: str, max_tokens: int, stream: bool, **fields) -> 
         return r.choices[0].text, r.choices[0].finish_reason
     chunks = list(c.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, stream=True, **fields))
     return "".join(ch.choices[0].text for ch in chunks), chunks[-1].choices[0].finish_reason
+
+
+# -- in one process: rank 0's messages replayed by a follower engine ------------------------------------------------
+
+class RecordedChannel:
+    """What rank 0 sends, kept (pickled, as on the wire) for a follower to replay afterwards in the same thread."""
+
+    rank, world_size = 1, 2
+
+    def __init__(self):
+        self.sent: list[bytes] = []
+
+    def send(self, message: tuple) -> None:
+        self.sent.append(pickle.dumps(message))
+
+    def receive(self) -> tuple:
+        return pickle.loads(self.sent.pop(0))
+
+
+class OwnSamples(Engine):
+    """A follower engine that reads rank 0's samples but keeps its own: the negative control."""
+
+    def __setattr__(self, name, value):
+        if name == "share_samples" and value is not None:
+            value = (lambda take: lambda mine: (take(mine), mine)[1])(value)
+        super().__setattr__(name, value)
+
+
+def test_a_follower_takes_rank_0s_steps_and_samples(rng):
+    """Sampled requests without a seed (each engine draws its own from the OS), MTP drafts, a stop string, logprobs,
+    an abort and an add mid-way, and preemption (a pool too small for every request at once): a follower engine fed
+    only rank 0's messages produces exactly rank 0's tokens and ends with every block free; one that kept its own
+    samples would not."""
+    llm = LLM(dtype="float32", engine=EngineConfig(max_model_len=64, kv_cache_memory=1 << 20, mtp=True))
+    per_block = llm.engine.block_size * llm.engine.bytes_per_token
+    config = EngineConfig(max_model_len=64, kv_cache_memory=5 * per_block, mtp=True, max_num_seqs=4)
+    eos = llm.engine.eos_token_ids
+    channel = RecordedChannel()
+    leader = LeaderEngine(Engine(llm.model, llm.tokenizer, config, eos), channel, heartbeat_s=1.0)
+    prompts = [llm.tokenizer.encode(words(rng, rng.randint(2, 4))) for _ in range(5)]
+    params = [llm.sampling(temperature=1.0, max_tokens=rng.randint(6, 14), ignore_eos=True) for _ in prompts[:3]]
+    params += [llm.sampling(temperature=0, max_tokens=12, stop=["e"], logprobs=2),
+               llm.sampling(temperature=0.7, top_p=0.9, max_tokens=10)]
+    rids = [leader.add(p, q) for p, q in zip(prompts[:4], params[:4])]
+    want, steps = {}, 0
+    while leader.has_unfinished:
+        for out in leader.step():
+            if out.finished:
+                want[out.request_id] = out.token_ids
+        steps += 1
+        if steps == 2:
+            assert leader.abort(rids[1])
+            rids.append(leader.add(prompts[4], params[4]))
+            leader.heartbeat()
+    leader.close(7)
+    assert sorted(want) == sorted(set(rids) - {rids[1]})
+    assert leader.engine.stats.preemptions > 0, "the pool was meant to be too small for every request at once"
+    recorded = list(channel.sent)
+
+    def replay(engine: Engine) -> tuple[int, dict]:
+        got: dict = {}
+        channel.sent = list(recorded)
+        status = follow(engine, channel, lambda outs: got.update({o.request_id: o.token_ids for o in outs
+                                                                  if o.finished}))
+        return status, got
+
+    follower = Engine(llm.model, llm.tokenizer, config, eos)
+    assert replay(follower) == (7, want)
+    assert follower.pool.num_used == 0 == leader.engine.pool.num_used
+    try:
+        diverged = replay(OwnSamples(llm.model, llm.tokenizer, config, eos))[1] != want
+    except RuntimeError:  # its plan drifted from rank 0's messages
+        diverged = True
+    assert diverged
 
 
 # -- under torchrun --------------------------------------------------------------------------------------------------

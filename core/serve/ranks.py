@@ -36,11 +36,13 @@ rank 0's "stop", after rank 0 has drained its in-flight requests, or when rank 0
 from __future__ import annotations
 
 import logging
+import pickle
 import signal
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 
 from core.engine.engine import Engine, RequestOutput
@@ -59,22 +61,41 @@ def heartbeat_seconds(timeout_s: float) -> float:
 
 
 class StepChannel:
-    """Rank 0 -> every rank, over a gloo group of its own (created collectively: every rank must construct it)."""
+    """Rank 0 -> every rank, over a gloo group of its own (created collectively: every rank must construct it).
 
-    def __init__(self, timeout_s: float):
+    A message is pickled into a fixed `frame_bytes` frame (8 bytes of length, then the pickle): one broadcast for
+    the usual step, sample or heartbeat message, a second one for the rest of a longer message (long prompts).
+    (torch's broadcast_object_list always takes two: the size, then the data.)"""
+
+    def __init__(self, timeout_s: float, frame_bytes: int = 4096):
         self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
+        self.frame_bytes = frame_bytes
 
     def send(self, message: tuple) -> None:
         """Rank 0 only."""
-        dist.broadcast_object_list([message], src=0, group=self.group)
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        fits = min(len(data), self.frame_bytes - 8)
+        frame = bytearray(self.frame_bytes)
+        frame[:8] = len(data).to_bytes(8, "little")
+        frame[8:8 + fits] = data[:fits]
+        dist.broadcast(torch.frombuffer(frame, dtype=torch.uint8), src=0, group=self.group)
+        if fits < len(data):
+            dist.broadcast(torch.frombuffer(bytearray(data[fits:]), dtype=torch.uint8), src=0, group=self.group)
 
     def receive(self) -> tuple:
         """Every rank but 0: blocks until rank 0 sends (at most the group's timeout)."""
-        box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return box[0]
+        frame = torch.empty(self.frame_bytes, dtype=torch.uint8)
+        dist.broadcast(frame, src=0, group=self.group)
+        raw = frame.numpy().tobytes()
+        size = int.from_bytes(raw[:8], "little")
+        data = raw[8:8 + size]
+        if size > len(data):
+            rest = torch.empty(size - len(data), dtype=torch.uint8)
+            dist.broadcast(rest, src=0, group=self.group)
+            data += rest.numpy().tobytes()
+        return pickle.loads(data)  # noqa: S301 -- from rank 0 of this job, as broadcast_object_list would
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's `value`, in rank order, on every rank."""
@@ -198,10 +219,11 @@ def ignore_stop_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def follow(engine: Engine, channel: StepChannel) -> int:
+def follow(engine: Engine, channel: StepChannel,
+           on_outputs: Callable[[list[RequestOutput]], None] | None = None) -> int:
     """A follower's whole life: apply rank 0's commands and take its steps until it says stop; returns rank 0's
-    exit status. Losing rank 0 (its connection closes, or it is silent past the timeout) is a one-line UserError."""
-    ignore_stop_signals()
+    exit status. Each step's outputs go to `on_outputs` (tests compare them with rank 0's), else nowhere. Losing
+    rank 0 (its connection closes, or it is silent past the timeout) is a one-line UserError."""
     engine.share_samples = lambda mine: _expect(_receive(channel), "samples")[1]
     try:
         while True:
@@ -212,13 +234,17 @@ def follow(engine: Engine, channel: StepChannel) -> int:
             for command in commands:
                 if command[0] == "add":
                     _, rid, prompt_ids, params = command
-                    engine.add(prompt_ids, replace(params, logprobs=None), request_id=rid)  # outputs unused here
+                    engine.add(prompt_ids, replace(params, logprobs=None), request_id=rid)  # not reported here
                 else:
                     engine.abort(command[1])
             try:
-                engine.step()
+                outputs = engine.step()
+            except UserError:
+                raise
             except (RuntimeError, ValueError) as e:  # a collective failed: rank 0 or another follower is gone
                 raise UserError(f"rank {channel.rank}: an engine step failed ({one_line(e)})") from None
+            if on_outputs is not None:
+                on_outputs(outputs)
     except _Stop as stop:
         return stop.status
 

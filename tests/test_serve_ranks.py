@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import httpx
@@ -32,7 +33,7 @@ openai = pytest.importorskip("openai")
 
 from core.engine.engine import Engine, EngineConfig  # noqa: E402
 from core.engine.llm import LLM  # noqa: E402
-from core.serve.ranks import LeaderEngine, follow  # noqa: E402
+from core.serve.ranks import LeaderEngine, agree_cache_blocks, follow  # noqa: E402
 from tests.helpers import fresh_seed  # noqa: E402
 from tests.serve_support import MODEL, ROOT, free_port  # noqa: E402
 
@@ -167,13 +168,18 @@ def served():
 
 
 @pytest.fixture(scope="module")
-def llm():
+def one_thread():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the ranks run beside it on the same cores
+    torch.set_num_threads(1)  # the ranks run beside this process on the same cores
     try:
-        yield LLM(dtype="float32", engine=EngineConfig(max_model_len=MAX_MODEL_LEN, kv_cache_memory=8 << 20))
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llm(one_thread):
+    return LLM(dtype="float32", engine=EngineConfig(max_model_len=MAX_MODEL_LEN, kv_cache_memory=8 << 20))
 
 
 @pytest.fixture
@@ -234,21 +240,22 @@ class OwnSamples(Engine):
         super().__setattr__(name, value)
 
 
-def test_a_follower_takes_rank_0s_steps_and_samples(rng):
+def test_a_follower_takes_rank_0s_steps_and_samples(one_thread, rng):
     """Sampled requests without a seed (each engine draws its own from the OS), MTP drafts, a stop string, logprobs,
     an abort and an add mid-way, and preemption (a pool too small for every request at once): a follower engine fed
     only rank 0's messages produces exactly rank 0's tokens and ends with every block free; one that kept its own
     samples would not."""
     llm = LLM(dtype="float32", engine=EngineConfig(max_model_len=64, kv_cache_memory=1 << 20, mtp=True))
     per_block = llm.engine.block_size * llm.engine.bytes_per_token
-    config = EngineConfig(max_model_len=64, kv_cache_memory=5 * per_block, mtp=True, max_num_seqs=4)
+    config = EngineConfig(max_model_len=64, kv_cache_memory=4 * per_block, mtp=True, max_num_seqs=4)
     eos = llm.engine.eos_token_ids
     channel = RecordedChannel()
     leader = LeaderEngine(Engine(llm.model, llm.tokenizer, config, eos), channel, heartbeat_s=1.0)
-    prompts = [llm.tokenizer.encode(words(rng, rng.randint(2, 4))) for _ in range(5)]
-    params = [llm.sampling(temperature=1.0, max_tokens=rng.randint(6, 14), ignore_eos=True) for _ in prompts[:3]]
-    params += [llm.sampling(temperature=0, max_tokens=12, stop=["e"], logprobs=2),
-               llm.sampling(temperature=0.7, top_p=0.9, max_tokens=10)]
+    size = llm.engine.block_size - 2  # every sequence needs a second block within its first tokens
+    prompts = [llm.tokenizer.encode(words(rng, 3 * size))[:size] for _ in range(5)]
+    params = [llm.sampling(temperature=1.0, max_tokens=rng.randint(5, 10), ignore_eos=True) for _ in prompts[:3]]
+    params += [llm.sampling(temperature=0, max_tokens=10, stop=["e"], logprobs=2),
+               llm.sampling(temperature=0.7, top_p=0.9, max_tokens=8)]
     rids = [leader.add(p, q) for p, q in zip(prompts[:4], params[:4])]
     want, steps = {}, 0
     while leader.has_unfinished:
@@ -280,6 +287,27 @@ def test_a_follower_takes_rank_0s_steps_and_samples(rng):
     except RuntimeError:  # its plan drifted from rank 0's messages
         diverged = True
     assert diverged
+
+
+class FixedGather:
+    def __init__(self, counts: list[int]):
+        self.counts = counts
+
+    def gather(self, value: int) -> list[int]:
+        assert value == self.counts[0]  # this process is rank 0 here
+        return self.counts
+
+
+def test_every_rank_gets_the_fewest_cache_blocks(llm):
+    per_block = llm.engine.block_size * llm.engine.bytes_per_token
+    config = EngineConfig(max_model_len=64, kv_cache_memory=9 * per_block)
+    holder = types.SimpleNamespace(model=llm.model, tokenizer=llm.tokenizer,
+                                   engine=Engine(llm.model, llm.tokenizer, config, llm.engine.eos_token_ids))
+    kept = holder.engine
+    assert agree_cache_blocks(holder, FixedGather([9, 12])) == 9 and holder.engine is kept
+    assert agree_cache_blocks(holder, FixedGather([9, 6])) == 6
+    assert holder.engine.pool.num_blocks == 6 and holder.engine.cache_bytes == 6 * per_block
+    assert holder.engine.eos_token_ids == kept.eos_token_ids and holder.engine.max_model_len == 64
 
 
 # -- under torchrun --------------------------------------------------------------------------------------------------

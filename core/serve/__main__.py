@@ -50,7 +50,7 @@ def main_ranks(args) -> int:
             simulate=args.simulate, engine=engine_config(args), check_weights=not args.no_check_weights,
             parallel=par))
         if not par.is_first:
-            ignore_stop_signals()  # before rank 0 can serve (it waits for the channel): torchrun signals every rank
+            ignore_stop_signals()  # before rank 0 can serve (it waits for the channel); torchrun signals all ranks
         timeout = launch.timeout_seconds()
         channel = StepChannel(timeout)
         par.agree("sizing the latent cache", lambda: agree_cache_blocks(llm, channel))
@@ -91,6 +91,9 @@ def serve(args, llm, engine, leader=None, where: str = "") -> int:
     try:
         server.run()
         status = 0 if server.started else 1
+    except KeyboardInterrupt:  # Ctrl-C: run_cli's status, on every rank
+        status = 130
+        raise
     finally:
         if leader is not None and loop.ended:  # the engine thread is done with the other ranks: release them
             leader.close(status)

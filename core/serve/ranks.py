@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 import signal
 from dataclasses import replace
 from datetime import timedelta
@@ -58,6 +59,13 @@ MAX_HEARTBEAT_S = 30.0
 def heartbeat_seconds(timeout_s: float) -> float:
     """How often an idle rank 0 tells the others it is alive: well inside their collective timeout."""
     return min(MAX_HEARTBEAT_S, timeout_s / 4)
+
+
+def _reason(e: BaseException) -> str:
+    """A collective's error in one short line: its first line, without gloo's source location and advice."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)
+    return one_line(text.split(". This is typically")[0])
 
 
 class StepChannel:
@@ -160,7 +168,7 @@ class LeaderEngine:
             self.channel.send(("step", commands))
             return self.engine.step()
         except Exception as e:
-            self._lose(f"an engine step across {self.channel.world_size} ranks failed ({one_line(e)})")
+            self._lose(f"an engine step across {self.channel.world_size} ranks failed ({_reason(e)})")
             raise
 
     def heartbeat(self) -> None:
@@ -169,7 +177,7 @@ class LeaderEngine:
         try:
             self.channel.send(("heartbeat",))
         except Exception as e:
-            self._lose(f"the other ranks stopped answering while idle ({one_line(e)})")
+            self._lose(f"the other ranks stopped answering while idle ({_reason(e)})")
 
     def close(self, status: int = 0) -> None:
         """Tell the other ranks to exit with `status` (once; nothing if they are already lost)."""
@@ -180,7 +188,7 @@ class LeaderEngine:
             try:
                 self.channel.send(("stop", status))
             except Exception as e:
-                self.failure = f"the other ranks could not be told to stop ({one_line(e)})"
+                self.failure = f"the other ranks could not be told to stop ({_reason(e)})"
 
     def _share_samples(self, value: Any) -> Any:
         self.channel.send(("samples", value))
@@ -242,7 +250,7 @@ def follow(engine: Engine, channel: StepChannel,
             except UserError:
                 raise
             except (RuntimeError, ValueError) as e:  # a collective failed: rank 0 or another follower is gone
-                raise UserError(f"rank {channel.rank}: an engine step failed ({one_line(e)})") from None
+                raise UserError(f"rank {channel.rank}: an engine step failed ({_reason(e)})") from None
             if on_outputs is not None:
                 on_outputs(outputs)
     except _Stop as stop:
@@ -253,4 +261,4 @@ def _receive(channel: StepChannel) -> tuple:
     try:
         return channel.receive()
     except RuntimeError as e:
-        raise UserError(f"rank {channel.rank}: lost rank 0 ({one_line(e)})") from None
+        raise UserError(f"rank {channel.rank}: lost rank 0 ({_reason(e)})") from None

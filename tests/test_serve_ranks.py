@@ -257,36 +257,35 @@ def test_a_follower_takes_rank_0s_steps_and_samples(one_thread, rng):
     params += [llm.sampling(temperature=0, max_tokens=10, stop=["e"], logprobs=2),
                llm.sampling(temperature=0.7, top_p=0.9, max_tokens=8)]
     rids = [leader.add(p, q) for p, q in zip(prompts[:4], params[:4])]
-    want, steps = {}, 0
+    per_step: list[dict] = []  # each step's outputs: request id -> tokens so far
     while leader.has_unfinished:
-        for out in leader.step():
-            if out.finished:
-                want[out.request_id] = out.token_ids
-        steps += 1
-        if steps == 2:
+        per_step.append({o.request_id: list(o.token_ids) for o in leader.step()})
+        if len(per_step) == 2:
             assert leader.abort(rids[1])
             rids.append(leader.add(prompts[4], params[4]))
             leader.heartbeat()
     leader.close(7)
-    assert sorted(want) == sorted(set(rids) - {rids[1]})
+    assert {rid for outs in per_step for rid in outs} == set(rids)
     assert leader.engine.stats.preemptions > 0, "the pool was meant to be too small for every request at once"
     recorded = list(channel.sent)
 
-    def replay(engine: Engine) -> tuple[int, dict]:
-        got: dict = {}
+    class Diverged(Exception):
+        pass
+
+    def replay(engine: Engine) -> int:
+        steps = iter(per_step)
+
+        def compare(outputs) -> None:
+            if {o.request_id: list(o.token_ids) for o in outputs} != next(steps):
+                raise Diverged
         channel.sent = list(recorded)
-        status = follow(engine, channel, lambda outs: got.update({o.request_id: o.token_ids for o in outs
-                                                                  if o.finished}))
-        return status, got
+        return follow(engine, channel, compare)
 
     follower = Engine(llm.model, llm.tokenizer, config, eos)
-    assert replay(follower) == (7, want)
+    assert replay(follower) == 7  # every step's outputs equal rank 0's
     assert follower.pool.num_used == 0 == leader.engine.pool.num_used
-    try:
-        diverged = replay(OwnSamples(llm.model, llm.tokenizer, config, eos))[1] != want
-    except RuntimeError:  # its plan drifted from rank 0's messages
-        diverged = True
-    assert diverged
+    with pytest.raises((Diverged, RuntimeError)):  # RuntimeError: its plan drifted from rank 0's messages
+        replay(OwnSamples(llm.model, llm.tokenizer, config, eos))
 
 
 class FixedGather:

@@ -87,16 +87,21 @@ def serve(args, llm, engine, leader=None, where: str = "") -> int:
     # one makes that a clean exit (status 0) rather than death by signal.
     terminated: list[int] = []
     signal.signal(signal.SIGTERM, lambda sig, frame: terminated.append(sig))
-    status = 1  # also what uvicorn's own sys.exit(1) means (the port could not be bound)
+    status = 1
     try:
         server.run()
         status = 0 if server.started else 1
     except KeyboardInterrupt:  # Ctrl-C: run_cli's status, on every rank
         status = 130
         raise
+    except SystemExit as e:  # uvicorn's own exit (the port could not be bound): its status, on every rank
+        status = e.code if isinstance(e.code, int) else 1
+        raise
     finally:
         if leader is not None and loop.ended:  # the engine thread is done with the other ranks: release them
             leader.close(status)
+        elif leader is not None and leader.failure is None:  # it is stuck inside a step, in a collective
+            leader.failure = "an engine step did not finish (a collective waiting for a rank that is gone?)"
     if terminated:
         log.info("stopped by SIGTERM")
     if leader is not None and leader.failure is not None:

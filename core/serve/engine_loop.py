@@ -6,7 +6,7 @@ onto the handler's event loop, `loop.call_soon_threadsafe`).
 `ServingEngine` is the whole interface the server needs of an engine: `core.engine.engine.Engine` has it, and so
 does rank 0's `core.serve.ranks.LeaderEngine` under torchrun, which is also the loop's `Driver`: while idle the thread
 calls its `heartbeat()` every `heartbeat_s` seconds (so the other ranks, blocked waiting for the next step, never hit
-a collective timeout), and `close()` once when the thread ends (the other ranks stop).
+a collective timeout).
 """
 
 from __future__ import annotations
@@ -59,13 +59,12 @@ class EngineObserver(Protocol):
 
 
 class Driver(Protocol):
-    """Processes that take every step with the engine (the other ranks under torchrun), told from the engine thread."""
+    """Processes that take every step with the engine (the other ranks under torchrun): while the engine is idle,
+    the engine thread calls `heartbeat()` every `heartbeat_s` seconds."""
 
     heartbeat_s: float
 
     def heartbeat(self) -> None: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass
@@ -169,8 +168,6 @@ class EngineLoop:
                 self._observe_state()
         finally:
             self._stopped.set()
-            if self.driver is not None:
-                self.driver.close()
             self._observe_state()
 
     def _apply(self, command: _Add | _Abort | _AbortAll) -> None:

@@ -19,7 +19,7 @@ import itertools
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -162,6 +162,10 @@ class Engine:
         self.stats = EngineStats()
         self._ids = itertools.count()
         self._states: dict[str, _State] = {}
+        # Under torchrun the server makes every rank use rank 0's samples (core.serve.ranks): called with this
+        # rank's sampled values of a step ((emitted, failed) after sampling, the draft token list after drafting),
+        # it returns the values to use instead. None: this process's own samples.
+        self.share_samples: Callable[[Any], Any] | None = None
 
     # -- requests --------------------------------------------------------------------------------------------------
 
@@ -311,6 +315,8 @@ class Engine:
                     emitted[rid], raw[rid] = [drafts[j], bonus[j]], [l0[j], l1[j]]
                 else:
                     emitted[rid], raw[rid] = [int(first[j])], [l0[j]]
+        if self.share_samples is not None:
+            emitted, failed = self.share_samples((emitted, failed))
         for s in seqs:
             for tok in emitted.get(s.request_id, ()):
                 s.request.sampler_state.sampler.append(tok)
@@ -356,6 +362,8 @@ class Engine:
         samplers = [st.sampler for st in states]
         q = process(model.logits(torch.stack([draft_rows[r] for r in ids])).float(), samplers)
         tokens = sample(q, samplers).tolist()
+        if self.share_samples is not None:
+            tokens = self.share_samples(tokens)
         for st, qi in zip(states, q):
             st.draft_logprobs = qi
         return {rid: [tok] for rid, tok in zip(ids, tokens)}

@@ -4,7 +4,8 @@
                          [--served-model-name NAME] [--dtype bfloat16|float32] [--mtp] [--block-size N]
                          [--kv-cache-memory BYTES] [--max-num-seqs N] [--max-num-batched-tokens N]
                          [--max-model-len N] [--max-tokens-limit N] [--max-body-bytes N] [--shutdown-timeout S]
-                         [--interpret] [--simulate] [--strict] [--log-level LEVEL]
+                         [--interpret] [--simulate] [--strict] [--log-level LEVEL] [--moe-combine MODE]
+    torchrun --nproc-per-node N -m core.serve [...]      # rank 0 serves HTTP and drives the others (core.serve.ranks)
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds to let in-flight requests finish before aborting them")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--moe-combine", default="all_reduce", choices=["all_reduce", "all_to_all"],
+                   help="under torchrun: combine routed experts by all_reduce of partial sums or all_to_all dispatch")
     args = p.parse_args(argv)
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be in [0, 65535], got {args.port}")

@@ -3,8 +3,10 @@ commands (add, abort, stop) on a queue, and this thread applies them between ste
 blocks on the queue when idle. Each request's outputs go to the `sink` its handler gave (a callable that moves them
 onto the handler's event loop, `loop.call_soon_threadsafe`).
 
-`ServingEngine` is the whole interface the server needs of an engine: `core.engine.engine.Engine` has it, and a
-multi-rank engine (rank 0 drives the others under torchrun) only has to provide the same methods on rank 0.
+`ServingEngine` is the whole interface the server needs of an engine: `core.engine.engine.Engine` has it, and so
+does rank 0's `core.serve.ranks.LeaderEngine` under torchrun, which is also the loop's `Driver`: while idle the thread
+calls its `heartbeat()` every `heartbeat_s` seconds (so the other ranks, blocked waiting for the next step, never hit
+a collective timeout).
 """
 
 from __future__ import annotations
@@ -56,6 +58,15 @@ class EngineObserver(Protocol):
     def on_output(self, output: RequestOutput) -> None: ...
 
 
+class Driver(Protocol):
+    """Processes that take every step with the engine (the other ranks under torchrun): while the engine is idle,
+    the engine thread calls `heartbeat()` every `heartbeat_s` seconds."""
+
+    heartbeat_s: float
+
+    def heartbeat(self) -> None: ...
+
+
 @dataclass
 class _Add:
     request_id: str
@@ -81,9 +92,10 @@ class _AbortAll:
 class EngineLoop:
     """Runs `engine` in a daemon thread. `submit`, `abort` and `stop` may be called from any thread."""
 
-    def __init__(self, engine: ServingEngine, observer: EngineObserver | None = None):
+    def __init__(self, engine: ServingEngine, observer: EngineObserver | None = None, driver: Driver | None = None):
         self.engine = engine
         self.observer = observer
+        self.driver = driver
         self._commands: queue.Queue = queue.Queue()
         self._sinks: dict[str, Sink] = {}
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -99,6 +111,11 @@ class EngineLoop:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopped.is_set()
+
+    @property
+    def ended(self) -> bool:
+        """The engine thread is not running (never started, or finished)."""
+        return not self._thread.is_alive()
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, sink: Sink) -> None:
         """Queue a request; every `RequestOutput` for it (the last has `finished`), or one `APIError`, goes to
@@ -129,10 +146,14 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             while True:
+                idle = not self.engine.has_unfinished
                 try:
-                    command = self._commands.get(block=not self.engine.has_unfinished)
+                    wait = self.driver.heartbeat_s if idle and self.driver is not None else None
+                    command = self._commands.get(block=idle, timeout=wait)
                 except queue.Empty:
                     command = None
+                    if idle and self.driver is not None:
+                        self.driver.heartbeat()
                 while command is not None:
                     if isinstance(command, _Stop):
                         self._abort_all(APIError(503, "the server is shutting down"))

@@ -23,7 +23,7 @@ from .ops.attention_prefill import attention_prefill
 from .ops.mla_decode import mla_decode
 from .ops.moe_gate import moe_gate
 from .ops.moe_experts import moe_experts
-from .weights import prepare_experts, prepare_linear
+from .weights import prepare_experts, prepare_linear, prepare_mla
 
 
 def probe(mode: RunMode) -> Availability:
@@ -51,4 +51,5 @@ BACKEND = Backend(
     },
     prepare_linear=prepare_linear,
     prepare_experts=prepare_experts,
+    prepare_mla=prepare_mla,
 )

@@ -105,10 +105,12 @@ class Model:
 
     @staticmethod
     def _absorb(x: Tensor, w: Tensor) -> Tensor:
-        """Per-head matmul with an absorbed kv_b half: x [T, H, K] working dtype, w [H, K, N] (the dtype the backend's
-        prepare_mla chose) -> [T, H, N] contiguous in x.dtype: one batched matmul over heads, rounded once."""
-        y = torch.bmm(x.transpose(0, 1).to(w.dtype), w)  # [H, T, N]
-        return x.new_empty(x.shape[0], x.shape[1], w.shape[2]).copy_(y.transpose(0, 1))
+        """Per-head matmul with an absorbed kv_b half: x [T, H, K] working dtype, w [H, N, K] (per head a linear
+        weight, in the dtype the backend's prepare_mla chose) -> [T, H, N] contiguous in x.dtype: one batched matmul
+        over heads, rounded once. Weights in [H, N, K] read through a transposed view: torch's CPU bfloat16 bmm runs
+        3-4x faster that way than from [H, K, N]; float32 runs the same either way."""
+        y = torch.bmm(x.transpose(0, 1).to(w.dtype), w.transpose(1, 2))  # [H, T, N]
+        return x.new_empty(x.shape[0], x.shape[1], w.shape[1]).copy_(y.transpose(0, 1))
 
     def _attention(self, a: Attention, x: Tensor, batch: Batch, cache: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         c, ops = self.cfg, self.ops

@@ -234,8 +234,9 @@ def prepare_mla(w_uk: Tensor, w_uv: Tensor) -> tuple[Tensor, Tensor]:
     """OPTIONAL hook: the absorbed `kv_b` halves that MLA decode multiplies with, in the dtype the graph's two batched
     matmuls should run in. Called once per attention layer at load time, on the backend's device.
 
-    w_uk: [H, qk_nope, R] working dtype, contiguous (folded into the query: q_lat[h] = q_nope[h] @ w_uk[h]).
-    w_uv: [H, R, v_head] working dtype, contiguous (folded into the output: o[h] = o_lat[h] @ w_uv[h]).
+    w_uk: [H, R, qk_nope] working dtype, contiguous (folded into the query: q_lat[h] = q_nope[h] @ w_uk[h].T).
+    w_uv: [H, v_head, R] working dtype, contiguous (folded into the output: o[h] = o_lat[h] @ w_uv[h].T).
+    (Per head, each is a linear weight [out, in]: kv_b's own layout for w_uv, its nope rows transposed for w_uk.)
     Returns (w_uk, w_uv) of the same shapes, contiguous, in one float dtype at least as wide as the working dtype
     and holding the same values (a widening, never a rounding): the graph casts its activations to that dtype, runs
     `torch.bmm` (float32 accumulation) and rounds the result once to the working dtype, so the math is the same as

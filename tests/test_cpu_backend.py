@@ -60,8 +60,8 @@ def test_bf16_weights_widened_only_without_native_bf16(monkeypatch):
 
 def test_absorbed_mla_weights_widened_only_without_native_bf16(monkeypatch, g):
     """prepare_mla follows the linear rule and only widens: same values, same shapes, contiguous."""
-    w_uk = torch.randn(3, 16, 32, generator=g).to(torch.bfloat16)
-    w_uv = torch.randn(3, 32, 8, generator=g).to(torch.bfloat16).transpose(1, 2).contiguous().transpose(1, 2)
+    w_uk = torch.randn(3, 32, 16, generator=g).to(torch.bfloat16)
+    w_uv = torch.randn(3, 8, 32, generator=g).to(torch.bfloat16)
     monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2"}))
     uk, uv = prepare_mla(w_uk, w_uv)
     assert uk.dtype == uv.dtype == torch.float32 and uk.is_contiguous() and uv.is_contiguous()

@@ -92,8 +92,8 @@ def test_absorb_matmul_is_the_exact_product_rounded_once(widen):
     kept as they are or widened to float32 by a prepare_mla, give the float64 product within one bfloat16 ulp."""
     g = torch.Generator().manual_seed(fresh_seed())
     x = torch.randn(5, 3, 64, generator=g).to(torch.bfloat16)
-    w = torch.randn(3, 64, 40, generator=g).to(torch.bfloat16)
-    golden = torch.einsum("thk,hkn->thn", x.double(), w.double())
+    w = torch.randn(3, 40, 64, generator=g).to(torch.bfloat16)  # [H, N, K]
+    golden = torch.einsum("thk,hnk->thn", x.double(), w.double())
     got = Model._absorb(x, w.float() if widen else w)
     assert got.dtype == torch.bfloat16 and got.shape == (5, 3, 40) and got.is_contiguous()
     assert ((got.double() - golden).abs() <= golden.abs() * 2.0 ** -7 + 1e-30).all()

@@ -80,7 +80,7 @@ def prepare_experts(gate: Tensor, gate_scale: Tensor | None, up: Tensor, up_scal
 
 
 def prepare_mla(w_uk: Tensor, w_uv: Tensor) -> tuple[Tensor, Tensor]:
-    """w_uk [H, qk_nope, R], w_uv [H, R, v_head] in the working dtype -> the same, widened to float32 where bfloat16
+    """w_uk [H, R, qk_nope], w_uv [H, v_head, R] in the working dtype -> the same, widened to float32 where bfloat16
     is not native here (machine.weight_dtype): lossless, and the graph's bmm then rounds once as before."""
     dtype = weight_dtype(w_uk.dtype)
     return w_uk.to(dtype).contiguous(), w_uv.to(dtype).contiguous()

@@ -73,7 +73,7 @@ def test_absorbed_mla_weights_widened_only_without_native_bf16(monkeypatch, g):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_elementwise_ops_equal_cpu_ref_bit_for_bit(g, dtype):
-    """rms_norm (torch's fused kernel), add_rms_norm and silu_and_mul compute in float32 and round once, exactly as
+    """rms_norm (torch's rms_norm), add_rms_norm and silu_and_mul compute in float32 and round once, exactly as
     the specification does; inputs are left untouched."""
     for tokens in (1, 9):
         x = (3 * torch.randn(tokens, 96, generator=g)).to(dtype)

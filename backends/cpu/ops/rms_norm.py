@@ -1,5 +1,6 @@
-"""cpu: `rms_norm` (contract: core/ops.py; specification: backends/cpu_ref) on torch's fused RMSNorm kernel: one pass
-instead of cpu_ref's seven ops (cast, pow, mean, rsqrt, two multiplies, cast). For bfloat16 it accumulates and
+"""cpu: `rms_norm` (contract: core/ops.py; specification: backends/cpu_ref) as one call of torch's rms_norm instead of
+cpu_ref's seven Python-level ops (cast, pow, mean, rsqrt, two multiplies, cast); on the CPU in torch 2.13 it is still
+a composite of a few kernels (mean, rsqrt, multiplies), dispatched from C++. For bfloat16 it accumulates and
 multiplies in float32 and rounds once, as cpu_ref does (bit-identical on random inputs, tests/test_cpu_backend.py)."""
 
 from __future__ import annotations

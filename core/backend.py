@@ -244,6 +244,8 @@ class Backend:
     ops:           operator name -> implementation (or `Limited`); only operators of core.ops.OPERATORS.
     prepare_linear, prepare_experts: the weight hooks (None: cpu_ref's, whose formats are core.ops.LinearWeight
                    and ExpertWeights).
+    prepare_mla:   optional (core.ops.prepare_mla): the dtype MLA decode's absorbed kv_b halves are kept and
+                   multiplied in (None: the working dtype, core.ops.keep_mla).
     communicator:  optional: ProcessGroup -> an object with all_reduce(x), all_gather(x, dim), all_to_all(x, splits)
                    and describe() (core.parallel.comm.Communicator), e.g. a custom all-reduce; None: torch.distributed
                    on `dist_backend` (core.parallel.comm.TorchDistributed).
@@ -260,6 +262,7 @@ class Backend:
     ops: dict[str, Callable | Limited]
     prepare_linear: Callable | None = None
     prepare_experts: Callable | None = None
+    prepare_mla: Callable | None = None
     communicator: Callable | None = None
     scale_fmt_ops: dict[str, dict[str, Callable]] = field(default_factory=dict)
     manifest: Manifest | None = None
@@ -272,7 +275,8 @@ class Backend:
     def validate(self) -> None:
         """Raise ContractError when the code and the manifest disagree or a signature breaks the contract."""
         where = str(self.manifest.path) if self.manifest else self.name
-        for name, impl in list(self.ops.items()) + list(self.hooks().items()):
+        optional = [("prepare_mla", self.prepare_mla)] if self.prepare_mla is not None else []
+        for name, impl in list(self.ops.items()) + list(self.hooks().items()) + optional:
             fn = impl.impl if isinstance(impl, Limited) else impl
             problem = check_signature(name, fn)
             if problem:

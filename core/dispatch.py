@@ -23,7 +23,7 @@ from core.backend import (
     Limited,
 )
 from core.errors import ContractError, UserError
-from core.ops import OPERATORS, PREPARE_HOOKS, WEIGHT_HOOK
+from core.ops import OPERATORS, PREPARE_HOOKS, WEIGHT_HOOK, keep_mla
 
 
 @dataclass
@@ -94,6 +94,7 @@ class Dispatch:
         for op, hook in WEIGHT_HOOK.items():
             own = op in backend.ops and hook in backend.hooks()
             setattr(self, hook, (backend if own else reference).hooks()[hook])
+        self.prepare_mla = backend.prepare_mla or keep_mla  # optional hook; the reference keeps the working dtype
         assert all(callable(getattr(self, h)) for h in PREPARE_HOOKS)
         self._scaled: dict[str, ScaledOps] = {}
 

@@ -20,6 +20,8 @@ Conventions used below:
 Weights reach `linear` and `moe_experts` only through the backend's own prepare hooks, `prepare_linear` and
 `prepare_experts`; the graph treats what they return as opaque. The reference formats are `LinearWeight` and
 `ExpertWeights` below: a backend that implements `linear` but not `prepare_linear` receives a `LinearWeight`.
+An optional third hook, `prepare_mla`, chooses the dtype of MLA decode's absorbed `kv_b` halves (w_uk, w_uv), which
+the graph multiplies with `torch.bmm` itself; without it they stay in the working dtype.
 """
 
 from __future__ import annotations
@@ -231,6 +233,25 @@ def prepare_experts(
     `moe_experts` consumes. Called once per MoE layer at load time, on the backend's device."""
 
 
+def prepare_mla(w_uk: Tensor, w_uv: Tensor) -> tuple[Tensor, Tensor]:
+    """OPTIONAL hook: the absorbed `kv_b` halves that MLA decode multiplies with, in the dtype the graph's two batched
+    matmuls should run in. Called once per attention layer at load time, on the backend's device.
+
+    w_uk: [H, R, qk_nope] working dtype, contiguous (folded into the query: q_lat[h] = q_nope[h] @ w_uk[h].T).
+    w_uv: [H, v_head, R] working dtype, contiguous (folded into the output: o[h] = o_lat[h] @ w_uv[h].T).
+    (Per head, each is a linear weight [out, in]: kv_b's own layout for w_uv, its nope rows transposed for w_uk.)
+    Returns (w_uk, w_uv) of the same shapes, contiguous, in one float dtype at least as wide as the working dtype
+    and holding the same values (a widening, never a rounding): the graph casts its activations to that dtype, runs
+    `torch.bmm` (float32 accumulation) and rounds the result once to the working dtype, so the math is the same as
+    without the hook; only speed changes (e.g. float32 on a CPU whose bfloat16 matmuls are emulated). A backend
+    without this hook keeps them in the working dtype (`keep_mla`, the reference)."""
+
+
+def keep_mla(w_uk: Tensor, w_uv: Tensor) -> tuple[Tensor, Tensor]:
+    """The reference `prepare_mla`: the absorbed weights as they are (working dtype)."""
+    return w_uk, w_uv
+
+
 OPERATORS: dict[str, Callable] = {
     f.__name__: f
     for f in (
@@ -252,13 +273,17 @@ PREPARE_HOOKS: dict[str, Callable] = {f.__name__: f for f in (prepare_linear, pr
 WEIGHT_HOOK: dict[str, str] = {"linear": "prepare_linear", "moe_experts": "prepare_experts"}
 """An operator that consumes prepared weights, and the hook that prepares them. The two travel together."""
 
+OPTIONAL_HOOKS: dict[str, Callable] = {"prepare_mla": prepare_mla}
+"""Hooks a backend may define or leave out, each with a reference behaviour (`keep_mla`); they consume no
+operator's weights, so they do not travel with one."""
+
 
 def check_signature(name: str, impl: Callable) -> str | None:
     """Return why `impl` cannot stand in for the declared operator or hook `name`, or None if it can.
 
     The implementation must accept the declared positional parameters in order (extra parameters need defaults).
     """
-    decl = OPERATORS.get(name) or PREPARE_HOOKS.get(name)
+    decl = OPERATORS.get(name) or PREPARE_HOOKS.get(name) or OPTIONAL_HOOKS.get(name)
     if decl is None:
         return f"'{name}' is not an operator of the contract"
     try:

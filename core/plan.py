@@ -8,8 +8,9 @@ The layout is ARCHITECTURE.md's ("Parallelism"): with N ranks, attention heads (
 `o_proj`), dense MLPs and shared experts are split N ways; routed experts are split whole (E/N per rank, the last
 ranks holding one fewer when N does not divide E); embedding and LM head are split by vocabulary; `q_a_proj`,
 `kv_a_proj_with_mqa`, norms, the router and its bias are replicated, and so is the latent cache. The decode path
-also keeps kv_b absorbed as `w_uk`/`w_uv` in the working dtype (split by head). FP8 checkpoints keep FP8 codes plus
-one float32 scale per 128x128 block for every projection (`--weights fp8`, what cuda, rocm and cpu_ref hold);
+also keeps kv_b absorbed as `w_uk`/`w_uv` in the working dtype (split by head; a backend's optional prepare_mla may
+widen them, e.g. cpu to float32 where bfloat16 is emulated, which this plan does not count). FP8 checkpoints keep FP8
+codes plus one float32 scale per 128x128 block for every projection (`--weights fp8`, what cuda, rocm and cpu_ref hold);
 `--weights bf16` is what a backend that dequantises at load holds (ascend).
 """
 

@@ -42,8 +42,8 @@ class Attention:
     kv_a: Linear
     kv_a_norm: Tensor
     kv_b: Linear  # expands cached latents for the naive prefill
-    w_uk: Tensor  # [H, qk_nope, R] absorbed into the query for decode
-    w_uv: Tensor  # [H, v_head, R] absorbed into the output for decode
+    w_uk: Tensor  # [H, R, qk_nope] absorbed into the query for decode (dtype: the backend's prepare_mla)
+    w_uv: Tensor  # [H, v_head, R] absorbed into the output for decode (same dtype as w_uk)
     o: Linear
 
 
@@ -246,11 +246,12 @@ class WeightLoader:
         kv_w, kv_scale = self.raw_weight(p + "kv_b_proj.weight", (heads * (nope + v), r),
                                          Split(0, mine.scaled(nope + v), heads))
         dense = dequantize_blocks(kv_w, kv_scale, self.dtype).to(self.device).view(h, nope + v, r)
+        w_uk, w_uv = self.ops.prepare_mla(dense[:, :nope].transpose(1, 2).contiguous(), dense[:, nope:].contiguous())
         return Attention(
             q_a=q_a, q_a_norm=q_a_norm, q_b=q_b, q=q, kv_a=kv_a,
             kv_a_norm=self.tensor(p + "kv_a_layernorm.weight", (r,)),
             kv_b=self.prepared(kv_w, kv_scale, name=p + "kv_b_proj.weight"),
-            w_uk=dense[:, :nope].contiguous(), w_uv=dense[:, nope:].contiguous(),
+            w_uk=w_uk, w_uv=w_uv,
             o=self.linear(p + "o_proj", (d, heads * v), split=Split(1, mine.scaled(v), heads)),
         )
 

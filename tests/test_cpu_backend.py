@@ -13,7 +13,11 @@ from backends.cpu.ops.attention_prefill import attention_prefill
 from backends.cpu.ops.linear import linear
 from backends.cpu.ops.mla_decode import mla_decode
 from backends.cpu.ops.moe_experts import moe_experts
-from backends.cpu.weights import prepare_experts, prepare_linear
+from backends.cpu.ops.add_rms_norm import add_rms_norm
+from backends.cpu.ops.rms_norm import rms_norm
+from backends.cpu.ops.silu_and_mul import silu_and_mul
+from backends.cpu.weights import prepare_experts, prepare_linear, prepare_mla
+from backends.cpu_ref import OPS as REF
 from core import registry
 from core.fp8 import quantize_blocks
 from tests.helpers import fresh_seed, golden_moe
@@ -52,6 +56,37 @@ def test_bf16_weights_widened_only_without_native_bf16(monkeypatch):
     monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     assert prepare_linear(torch.ones(4, 4, dtype=torch.bfloat16), None).weight.dtype == torch.bfloat16
     assert prepare_linear(torch.ones(4, 4, dtype=torch.float32), None).weight.dtype == torch.float32
+
+
+def test_absorbed_mla_weights_widened_only_without_native_bf16(monkeypatch, g):
+    """prepare_mla follows the linear rule and only widens: same values, same shapes, contiguous."""
+    w_uk = torch.randn(3, 32, 16, generator=g).to(torch.bfloat16)
+    w_uv = torch.randn(3, 8, 32, generator=g).to(torch.bfloat16)
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2"}))
+    uk, uv = prepare_mla(w_uk, w_uv)
+    assert uk.dtype == uv.dtype == torch.float32 and uk.is_contiguous() and uv.is_contiguous()
+    assert torch.equal(uk, w_uk.float()) and torch.equal(uv, w_uv.float())
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    uk, uv = prepare_mla(w_uk, w_uv)
+    assert uk.dtype == uv.dtype == torch.bfloat16 and torch.equal(uv, w_uv) and uv.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_elementwise_ops_equal_cpu_ref_bit_for_bit(g, dtype):
+    """rms_norm (torch's rms_norm), add_rms_norm and silu_and_mul compute in float32 and round once, exactly as
+    the specification does; inputs are left untouched."""
+    for tokens in (1, 9):
+        x = (3 * torch.randn(tokens, 96, generator=g)).to(dtype)
+        res = torch.randn(tokens, 96, generator=g).to(dtype)
+        w = (1 + 0.1 * torch.randn(96, generator=g)).to(dtype)
+        x0, res0 = x.clone(), res.clone()
+        assert torch.equal(rms_norm(x, w, 1e-6), REF["rms_norm"](x, w, 1e-6))
+        assert torch.equal(rms_norm(x, w.float(), 1e-6), REF["rms_norm"](x, w.float(), 1e-6))
+        for got, want in zip(add_rms_norm(x, res, w, 1e-6), REF["add_rms_norm"](x, res, w, 1e-6)):
+            assert torch.equal(got, want)
+        gate_up = (4 * torch.randn(tokens, 2, 40, generator=g)).to(dtype).view(tokens, 80)
+        assert torch.equal(silu_and_mul(gate_up), REF["silu_and_mul"](gate_up))
+        assert torch.equal(x, x0) and torch.equal(res, res0)
 
 
 

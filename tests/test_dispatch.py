@@ -14,7 +14,7 @@ from core import registry
 from core.backend import RunMode
 from core.dispatch import Dispatch
 from core.errors import ContractError, UserError
-from core.ops import OPERATORS
+from core.ops import OPERATORS, keep_mla
 from tests.helpers import run_cli, run_main
 
 PARTIAL = '''
@@ -108,6 +108,22 @@ def test_bad_signature_is_a_contract_error(extra_root):
     write_backend(extra_root, "badsig", code=code)
     with pytest.raises(ContractError, match="linear"):
         registry.load("badsig")
+
+
+def test_prepare_mla_is_optional_and_signature_checked(extra_root):
+    """Without the hook the absorbed weights stay as they are (keep_mla); a backend's own hook is used; a hook with
+    the wrong signature is refused like an operator."""
+    write_backend(extra_root, "nomla")
+    assert Dispatch(registry.load("nomla"), registry.load("cpu_ref")).prepare_mla is keep_mla
+    code = PARTIAL + "\ndef prepare_mla(w_uk, w_uv):\n    return w_uk.double(), w_uv.double()\n" \
+        "BACKEND.prepare_mla = prepare_mla\n"
+    write_backend(extra_root, "widemla", code=code)
+    ops = Dispatch(registry.load("widemla"), registry.load("cpu_ref"))
+    assert ops.prepare_mla.__name__ == "prepare_mla" and ops.prepare_mla is not keep_mla
+    write_backend(extra_root, "badmla", code=code.replace("def prepare_mla(w_uk, w_uv):", "def prepare_mla(w_uk):")
+                  .replace("w_uk.double(), w_uv.double()", "w_uk, w_uk"))
+    with pytest.raises(ContractError, match="prepare_mla"):
+        registry.load("badmla")
 
 
 def test_unavailable_backend_says_why_and_what_is_available(extra_root):

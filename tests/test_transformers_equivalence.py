@@ -8,6 +8,7 @@ import torch
 
 from core.batch import Batch
 from core.generate import Generator
+from core.model import Model
 from tests.helpers import GateMargins, build_hf, fresh_seed, hf_mtp, load_ours, reference_dispatch
 
 PROMPT_LEN = 80
@@ -83,6 +84,40 @@ def test_decode_path_logits_match_transformers(tiny):
             b = Batch.build([[prompt[i]]], [table], [i], ours.device, block_size=BS, decode=True)
             outs.append(ours.logits(ours.forward(b, cache)))
     assert rel(torch.cat(outs), want) < 1e-5, f"seed {seed}"
+
+
+@pytest.mark.parametrize("widen", [False, True])
+def test_absorb_matmul_is_the_exact_product_rounded_once(widen):
+    """Model._absorb (the graph's per-head matmul with w_uk / w_uv): bfloat16 activations times bfloat16 weights,
+    kept as they are or widened to float32 by a prepare_mla, give the float64 product within one bfloat16 ulp."""
+    g = torch.Generator().manual_seed(fresh_seed())
+    x = torch.randn(5, 3, 64, generator=g).to(torch.bfloat16)
+    w = torch.randn(3, 40, 64, generator=g).to(torch.bfloat16)  # [H, N, K]
+    golden = torch.einsum("thk,hnk->thn", x.double(), w.double())
+    got = Model._absorb(x, w.float() if widen else w)
+    assert got.dtype == torch.bfloat16 and got.shape == (5, 3, 40) and got.is_contiguous()
+    assert ((got.double() - golden).abs() <= golden.abs() * 2.0 ** -7 + 1e-30).all()
+
+
+def test_decode_path_with_widened_absorbed_weights_matches_transformers(tiny):
+    """A backend's prepare_mla that widens w_uk / w_uv (here to float64) changes only the dtype of the graph's two
+    absorb matmuls: the decode path still matches transformers."""
+    hf, _, d, prompt, seed = tiny
+    ops = reference_dispatch()
+    ops.prepare_mla = lambda w_uk, w_uv: (w_uk.double(), w_uv.double())
+    ours = load_ours(d, ops=ops)
+    assert ours.w.layers[0].attn.w_uk.dtype == torch.float64
+    with torch.no_grad():
+        want = hf(torch.tensor([prompt])).logits[0]
+        cache, table = paged(ours, len(prompt), seed)
+        half = len(prompt) // 2
+        outs = [ours.logits(ours.forward(Batch.build([prompt[:half]], [table], [0], ours.device, block_size=BS),
+                                         cache))]
+        for i in range(half, len(prompt)):
+            b = Batch.build([[prompt[i]]], [table], [i], ours.device, block_size=BS, decode=True)
+            outs.append(ours.logits(ours.forward(b, cache)))
+    got = torch.cat(outs)
+    assert got.dtype == torch.float32 and rel(got, want) < 1e-5, f"seed {seed}"
 
 
 def test_batched_prefill_matches_single_sequences(tiny):

@@ -1,10 +1,14 @@
 """cpu: the fast CPU backend (started from `python -m conformance new-backend cpu`).
 
 Weights are dequantised once at load into the dtype their GEMM runs in (weights.py); `linear` and the experts run on
-torch's oneDNN GEMMs, the MoE groups tokens by expert (one GEMM pair per active expert per call), prefill runs on
-torch's fused SDPA and the absorbed paged MLA decode as two float32 bmm over one batched gather of the cache rows. The elementwise operators and the router reuse cpu_ref's
-PyTorch code (already vectorised; not where the time goes). cpu_ref stays the specification conformance compares
-with; this backend is the default when no backend is named and no accelerator is present (core/registry.py).
+torch's oneDNN GEMMs, the MoE groups tokens by expert (one GEMM pair per active expert per call, written in place),
+prefill runs on torch's fused SDPA and the absorbed paged MLA decode as two float32 bmm over one batched gather of the
+cache rows. `prepare_mla` (the optional hook of core/ops.py) widens MLA decode's absorbed kv_b halves to float32 where
+bfloat16 is emulated, since torch's bfloat16 bmm is 20-80x slower than float32 there. rms_norm is one call of torch's
+rms_norm, add_rms_norm and silu_and_mul in fewer passes than cpu_ref (bit-identical); rope and the router reuse
+cpu_ref's PyTorch code. torch.compile was measured and not used: 188 s to compile add_rms_norm alone on this 2-core
+machine, and slower than eager afterwards. cpu_ref stays the specification conformance compares with; this backend
+is the default when no backend is named and no accelerator is present (core/registry.py).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from .ops.attention_prefill import attention_prefill
 from .ops.mla_decode import mla_decode
 from .ops.moe_gate import moe_gate
 from .ops.moe_experts import moe_experts
-from .weights import prepare_experts, prepare_linear
+from .weights import prepare_experts, prepare_linear, prepare_mla
 
 
 def probe(mode: RunMode) -> Availability:
@@ -51,4 +55,5 @@ BACKEND = Backend(
     },
     prepare_linear=prepare_linear,
     prepare_experts=prepare_experts,
+    prepare_mla=prepare_mla,
 )

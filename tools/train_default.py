@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     best = (float("inf"), 0, None)
     history = []
     start = time.time()
-    saved = torch.load(args.from_state) if args.from_state is not None else None
+    saved = torch.load(args.from_state, weights_only=False) if args.from_state is not None else None
     if saved is not None:
         best = (saved["meta"]["heldout_bpb_float32"], saved["meta"]["best_step"], saved["state"])
         args.steps = 0

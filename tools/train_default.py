@@ -15,8 +15,17 @@ What is trained (plain PyTorch, float32, seeded; the same command on the same Py
   embedding and output head, trained to predict t_{i+2} with its own cross-entropy, weighted by --mtp-weight.
 The held-out topics (tools.default_corpus) are scored every --eval-every steps (bits per byte); the best state is
 exported. Export: experts unfused into the per-expert layout DeepSeek ships, the MTP module as layer
-num_hidden_layers, every *_proj weight block-quantised to FP8 e4m3 with 128x128 scales (partial edge blocks: the
-hidden size is 192), norms/embeddings/head/eh_proj in bfloat16, router weight and correction bias float32.
+num_hidden_layers, every *_proj weight block-quantised to FP8 e4m3 with 128x128 scales, norms/embeddings/head/eh_proj
+in bfloat16, router weight and correction bias float32. Partial edge blocks: q_lora_rank 96, kv_a rows 64 + 32 = 96,
+kv_lora_rank 64 and moe_intermediate_size 64 fill less than one 128 block. Every dimension is either below 128 or a
+multiple of it, because transformers 5's FP8 dequantiser derives the block size from the scale grid
+(rows // scale_rows): a 192-row weight would load wrong there, silently, and the checkpoint must load in
+`DeepseekV3ForCausalLM.from_pretrained` unchanged.
+
+Shipped run (core/default_checkpoint/training.json has the command, the loss curve and the timing):
+    python -m tools.train_default --out core/default_checkpoint --steps 700 --batch 16 --seq 64 --threads 1
+        --save-state /tmp/state.pt      # 1377 s at 0.51 steps/s on a shared 2-core machine (load ~12)
+    python -m tools.train_default --out DIR --from-state /tmp/state.pt      # re-export only
 """
 
 from __future__ import annotations

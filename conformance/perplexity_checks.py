@@ -95,7 +95,8 @@ def run(suite: Suite) -> list[CheckResult]:
         dname = str(dtype).replace("torch.", "")
         tol = suite.tolerances.lookup("perplexity", dname, numerics, suite.mode_name)
         r = CheckResult("model", f"model/perplexity/{dname}", "perplexity", SKIP, dname, shape,
-                        tolerance=tol.rtol, tolerance_reason=tol.reason, tolerance_source=tol.source or TOLERANCE_SOURCE)
+                        tolerance=tol.rtol, tolerance_reason=tol.reason,
+                        tolerance_source=tol.source or TOLERANCE_SOURCE)
         if tol.skip:
             r.detail = tol.reason
             results.append(r)

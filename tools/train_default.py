@@ -70,7 +70,15 @@ GENERATION = {"bos_token_id": 0, "eos_token_id": 1, "do_sample": False, "repetit
 def train_tokenizer(texts: list[str], vocab_size: int):
     """A byte-level BPE (`tokenizers`), DeepSeek-V3's special tokens at ids 0.. (BOS 0, EOS 1, pad 2, chat and tool
     markers), then the 256 byte symbols, then merges; BOS prepended by the post-processor, as DeepSeek's does."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     from core.engine.default_tokenizer import ASSISTANT, TOOL_MARKERS, USER
 
@@ -103,7 +111,10 @@ class MTP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+            DeepseekV3DecoderLayer,
+            DeepseekV3RMSNorm,
+        )
 
         d = config.hidden_size
         self.enorm = DeepseekV3RMSNorm(d, config.rms_norm_eps)
@@ -374,8 +385,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {step:5d}  held-out {bpb:.4f} bits/byte (unigram {unigram:.4f})", flush=True)
             history[-1]["heldout_bpb"] = round(bpb, 4)
             if bpb < best[0]:
-                best = (bpb, step, {k: v.clone() for k, v in [*model.state_dict().items(),
-                                                               *(("mtp." + k, v) for k, v in mtp.state_dict().items())]})
+                snapshot = {**model.state_dict(), **{"mtp." + k: v for k, v in mtp.state_dict().items()}}
+                best = (bpb, step, {k: v.clone() for k, v in snapshot.items()})
     elapsed = time.time() - start
     state = best[2]
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith("mtp.")})
@@ -384,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(), "torch": torch.__version__, "seed": args.seed,
             "steps": args.steps, "best_step": best[1], "heldout_bpb_float32": round(best[0], 4),
             "unigram_bpb": round(unigram, 4), "train_tokens": ids.numel(), "parameters": n_params,
-            "seconds": round(elapsed, 1), "steps_per_s": round(args.steps / max(elapsed, 1e-9), 3), "window": args.window,
+            "seconds": round(elapsed, 1), "steps_per_s": round(args.steps / max(elapsed, 1e-9), 3),
+            "window": args.window,
             "heldout_topics": list(held_docs), "history": history}
     if saved is not None:
         meta = saved["meta"]

@@ -45,7 +45,8 @@ def launch(n: int, module: str, args: list[str]) -> tuple[int, str, str]:
     """`python -m module args` as n ranks (n = 1: a plain process); rank 0's (status, stdout, stderr), the worst
     status of all ranks. Every rank is killed if the launch outlives TIMEOUT_S."""
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DSV3_DIST_TIMEOUT": "120"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DSV3_DIST_TIMEOUT": "120",
+           "DSV3_EMBEDDED": "generated"}  # the generated default: decisive routing, so sharding cannot flip an expert
     procs = []
     for r in range(n):
         rank_env = env if n == 1 else {**env, "WORLD_SIZE": str(n), "RANK": str(r), "LOCAL_RANK": str(r),

@@ -11,6 +11,7 @@ from functools import lru_cache
 
 import torch
 
+from conformance import perplexity_checks
 from conformance.compare import errors, kl_divergence
 from conformance.context import FAIL, PASS, SKIP, CheckResult, Suite
 from core.backend import Backend
@@ -202,4 +203,4 @@ def run(suite: Suite, bisect: bool = True) -> list[CheckResult]:
             results.append(level.check("logits", level.logits_problem, bisect))
             results.append(level.check("greedy", level.greedy_problem, bisect))
             results.append(level.check("mtp", level.mtp_problem, False))
-    return results
+    return results + perplexity_checks.run(suite)

@@ -132,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     mode = RunMode(interpret=args.interpret, simulate=args.simulate)
+    if args.model is None and not args.list_backends:
+        from core.embedded import embedded_model_dir
+
+        args.model = embedded_model_dir()  # None: the generated model (DSV3_EMBEDDED=generated)
     if args.list_backends:
         print(list_backends(mode))
         return 0

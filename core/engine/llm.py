@@ -36,7 +36,8 @@ Prompt = str | Sequence[int]
 
 
 class LLM:
-    """A loaded model and its engine. `model`: a checkpoint directory, or None for the embedded default; `backend`:
+    """A loaded model and its engine. `model`: a checkpoint directory, or None for the embedded default
+    (core.embedded); `backend`:
     None picks what core.run picks (core.registry.default_backend)."""
 
     def __init__(self, model: str | Path | None = None, *, backend: str | None = None, dtype: str = "bfloat16",
@@ -49,6 +50,10 @@ class LLM:
 
         if dtype not in DTYPES:
             raise UserError(f"dtype must be one of {', '.join(sorted(DTYPES))}, got {dtype!r}")
+        if model is None:
+            from core.embedded import embedded_model_dir
+
+            model = embedded_model_dir()  # the trained default; None: the generated one (DSV3_EMBEDDED=generated)
         self.model_dir = Path(model) if model is not None else None
         mode = RunMode(interpret=interpret, simulate=simulate)
         if backend is None:  # as core.run and core.serve choose: cpu without an accelerator, else the reference

@@ -300,19 +300,42 @@ def test_v31_reference_class_is_unchanged_by_the_flag(v31):
 
 
 def test_v31_cuda_kernels_match_cpu_ref_ue8m0_emulation(v31):
-    """The cuda backend (Triton interpreter here, the GPU on a GPU machine) on the V3.1 checkpoint: its logits are
-    within float32 reordering of cpu_ref's w8a8_ue8m0 emulation (routing replayed), and far from the plain w8a8
-    emulation of the same weights."""
+    """The cuda backend (Triton interpreter here, the GPU on a GPU machine) on the V3.1 checkpoint: every call of its
+    ue8m0 operators (q_a, kv_a, the routed experts) is within float32 reordering of cpu_ref's w8a8_ue8m0 emulation
+    on the same inputs, and the run is far from its own run of the plain twin (routing replayed).
+
+    Calls are compared one by one, not the logits: a 1e-7 reordering difference upstream can move an activation
+    across an FP8 rounding boundary in a later W8A8 layer, a legitimate jump of one code (up to 6%) that end-to-end
+    comparison would blame on the ue8m0 operators."""
+    import dataclasses
+
     ue8m0_dir, plain_dir, prompt, seed = v31
     backend, _ = registry.activate("cuda", RunMode(interpret=INTERPRETER))
-    ops = Dispatch(backend, registry.load("cpu_ref"), strict=True)
+    calls: list = []
+
+    def recorded(op, kernel):
+        def run(*args):
+            out = kernel(*args)
+            calls.append((op, args, out))
+            return out
+        return run
+
+    kernels = backend.scale_fmt_ops["ue8m0"]
+    recording = dataclasses.replace(backend, scale_fmt_ops={"ue8m0": {op: recorded(op, k) for op, k in
+                                                                      kernels.items()}})
+    ops = Dispatch(recording, registry.load("cpu_ref"), strict=True)
     routes: list = []
     ours = teacher_forced(ue8m0_dir, ops, prompt, routes)
     assert ops.table()["linear"] == "cuda [w8a8]; [w8a8_ue8m0] on layers with ue8m0 activation scales"
-    emulated = teacher_forced(ue8m0_dir, emulation(), prompt, routes, replay=True)
-    without = teacher_forced(plain_dir, emulation(), prompt, routes, replay=True)
-    assert rel(ours, emulated) < 1e-4, f"seed {seed}: {rel(ours, emulated):.2e} from the ue8m0 emulation"
-    assert rel(ours, without) > 10 * rel(ours, emulated), f"seed {seed}: as close to the plain w8a8 run"
+    cfg = json.loads((ue8m0_dir / "config.json").read_text())
+    layers, dense = cfg["num_hidden_layers"], cfg["first_k_dense_replace"]
+    assert Counter(op for op, _, _ in calls) == {"linear": 2 * layers, "moe_experts": layers - dense}
+    variant = cpu_ref.NUMERICS["w8a8_ue8m0"]
+    for i, (op, args, out) in enumerate(calls):
+        assert rel(out, variant[op](*args)) < 1e-5, f"seed {seed}: call {i} ({op}) differs from the emulation"
+    without = teacher_forced(plain_dir, Dispatch(backend, registry.load("cpu_ref"), strict=True), prompt, routes,
+                             replay=True)
+    assert rel(ours, without) > 1e-3, f"seed {seed}: scale_fmt ue8m0 had no effect on the cuda run"
 
 
 # -- conformance cases have teeth ----------------------------------------------------------------------------------

@@ -70,13 +70,10 @@ def _result(suite: Suite, name: str, dtype: torch.dtype, shape: str) -> tuple[Ch
     return r, tol
 
 
-def _verdict(r: CheckResult, err: Errors, ref_err: Errors, tol) -> CheckResult:
-    r.rel_err, r.max_abs, r.max_rel, r.ref_rel_err = err.rel, err.max_abs, err.max_rel, ref_err.rel
-    r.verdict = PASS if err.rel <= tol.rtol else FAIL
-    if r.verdict == FAIL:
-        r.detail = f"error {err.rel:.3g} exceeds {tol.rtol:.3g} (cpu_ref in {r.dtype}: {ref_err.rel:.3g}); {r.detail}"
-    return r
-
+def _verdict(suite: Suite, r: CheckResult, err: Errors, ref_err: Errors, tol) -> CheckResult:
+    classes = [suite.numerics(op) for op in NEEDS[r.op] if suite.numerics(op) != "reference"]
+    rel = suite.tolerances.relative(r.op, r.dtype, classes[0] if classes else "reference", suite.mode_name)
+    return r.judge(err, ref_err, tol, rel)
 
 def mla_steps(model: Model, attn, xs: list[torch.Tensor], plan: list[tuple], cache, tables: list[list[int]]
               ) -> list[torch.Tensor]:
@@ -149,7 +146,7 @@ def check_mla(suite: Suite, dtype: torch.dtype) -> CheckResult:
         err = err.worst(errors(a, b))
     kind = {0: "prefill", 2: "mixed decode + prefill chunk"}.get(worst_step, "decode")
     r.detail = f"worst step {worst_step} ({kind})"
-    return _verdict(r, err, ref_err, tol)
+    return _verdict(suite, r, err, ref_err, tol)
 
 
 def check_moe(suite: Suite, dtype: torch.dtype) -> CheckResult:
@@ -185,7 +182,7 @@ def check_moe(suite: Suite, dtype: torch.dtype) -> CheckResult:
     except Exception as e:
         r.verdict, r.detail = FAIL, f"raised {type(e).__name__}: {e}"
         return r
-    return _verdict(r, errors(got, golden), errors(ref, golden), tol)
+    return _verdict(suite, r, errors(got, golden), errors(ref, golden), tol)
 
 
 NEEDS = {"mla_block": ["rms_norm", "apply_rope", "linear", "attention_prefill", "mla_decode"],

@@ -180,14 +180,7 @@ def check_case(suite: Suite, op: str, case: dict, dtype: torch.dtype, inputs=Non
             if o.is_floating_point() and bool(o.isnan().any()) and not bool(g.isnan().any()):
                 result.verdict = FAIL
                 result.detail = "NaN in the output where golden has none (a poisoned input row or block was read)"
-    result.rel_err, result.max_abs, result.max_rel, result.ref_rel_err = err.rel, err.max_abs, err.max_rel, ref_err.rel
-    if result.verdict != FAIL:
-        result.verdict = PASS if err.rel <= tol.rtol else FAIL
-        if result.verdict == FAIL:
-            result.detail = (f"error {err.rel:.3g} exceeds {tol.rtol:.3g} (cpu_ref in {dname}: {ref_err.rel:.3g})"
-                             + (f"; {result.detail}" if result.detail else ""))
-    return result
-
+    return result.judge(err, ref_err, tol, suite.tolerances.relative(op, dname, numerics, suite.mode_name))
 
 def run(suite: Suite, ops: list[str] | None = None) -> list[CheckResult]:
     cases = load_cases()

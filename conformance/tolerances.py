@@ -105,6 +105,11 @@ class ToleranceTable:
             return Tolerance(None, str(row["skip"]), skip=True, source=source)
         return Tolerance(float(row["rtol"]), str(row["reason"]), source=source)
 
+    def rounding_fraction(self, op: str, dtype: str) -> float:
+        """The share of output elements that may differ from golden rounded once (section `rounded_once`)."""
+        row = self.rounding.get(dtype) or {}
+        return float(row.get("max_fraction", 1.0))
+
     def relative(self, op: str, dtype: str, numerics: str = "reference", mode: str = "normal") -> Relative | None:
         """The relative verdict for `op` in `dtype`, or None where none applies (no row, or a manifest override of
         the absolute row that states no multiple of its own)."""

@@ -2,9 +2,10 @@
 and cpu_ref's own error on the same inputs, and tabulate the worst ratio per operator, dtype and backend.
 
     python -m conformance.calibrate run --backend cuda --interpret --seeds 3 --out calib/cuda.json
-    python -m conformance.calibrate table calib/*.json > conformance/CALIBRATION.md
+    python -m conformance.calibrate table calib/*.json some/report.json > conformance/CALIBRATION.md
 
-`run` appends to --out (so seeds can be added later); `table` reads any number of such files and prints markdown:
+`run` appends to --out (so seeds can be added later); `table` reads any number of such files, or report.json files
+of `python -m conformance` runs (one seed each), and prints markdown:
 per backend x check: seeds, checks, cpu_ref's error range, the worst raw ratio (error / cpu_ref's error where
 cpu_ref's is non-zero), the worst floored ratio the verdict uses, the allowed multiple, and the failures either
 verdict would give. Nothing here is a test: it measures, and a person picks the multiples in tolerances.yaml."""
@@ -54,11 +55,30 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else "inf" if x == float("inf") else f"{x:.3g}"
 
 
+def _records(data) -> list[dict]:
+    """Calibration records, or the checks of a conformance report.json turned into records."""
+    if isinstance(data, list):
+        return data
+    from core import registry
+
+    env = data["environment"]
+    manifest = registry.load(env["backend"]).manifest
+    label = env["backend"] + {"interpret": " (interpret)", "simulate": " (simulate)"}.get(env["mode"], "")
+    records = []
+    for c in data["checks"]:
+        if c["level"] not in ("op", "block") or isinstance(c["rel_err"], str) or isinstance(c["ref_rel_err"], str):
+            continue
+        entry = manifest.operators.get(c["op"])
+        records.append({**c, "backend": label, "seed": env["seed"], "mode": env["mode"],
+                        "numerics": (entry.numerics if entry else "reference") if c["level"] == "op" else ""})
+    return records
+
+
 def table(paths: list[str]) -> str:
     table_ = ToleranceTable()
     rows: dict[tuple, list[dict]] = defaultdict(list)
     for path in paths:
-        for rec in json.loads(Path(path).read_text()):
+        for rec in _records(json.loads(Path(path).read_text())):
             if rec["rel_err"] is None or rec["ref_rel_err"] is None:
                 continue  # skipped or structurally failed: nothing numeric to calibrate
             rows[(rec["backend"], rec["level"], rec["op"], rec["dtype"], rec.get("numerics", ""))].append(rec)

@@ -2,6 +2,7 @@
 and cpu_ref's own error on the same inputs, and tabulate the worst ratio per operator, dtype and backend.
 
     python -m conformance.calibrate run --backend cuda --interpret --seeds 3 --out calib/cuda.json
+    python -m conformance.calibrate run --variant prefill_flash_p_rounded --ops attention_prefill --out calib/v.json
     python -m conformance.calibrate table calib/*.json some/report.json > conformance/CALIBRATION.md
 
 `run` appends to --out (so seeds can be added later); `table` reads any number of such files, or report.json files
@@ -29,8 +30,13 @@ def run(args: argparse.Namespace) -> None:
     from core.backend import RunMode
 
     mode = RunMode(interpret=args.interpret, simulate=args.simulate)
-    backend, avail = registry.activate(args.backend, mode)
-    label = args.label or args.backend + (" (interpret)" if args.interpret else " (simulate)" if args.simulate else "")
+    if args.variant:  # cpu_ref with one legitimate variant (conformance/planted_bugs.py LEGITIMATE)
+        from conformance.planted_bugs import buggy_backend
+
+        backend, avail = buggy_backend(args.variant)
+    else:
+        backend, avail = registry.activate(args.backend, mode)
+    label = args.label or (args.variant and f"variant {args.variant}") or args.backend + (" (interpret)" if args.interpret else " (simulate)" if args.simulate else "")
     out = Path(args.out)
     records = json.loads(out.read_text()) if out.exists() else []
     levels = args.levels.split(",")
@@ -103,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m conformance.calibrate")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--backend", required=True)
+    r.add_argument("--backend", default="cpu_ref")
+    r.add_argument("--variant", help="a legitimate variant of cpu_ref (planted_bugs.LEGITIMATE) instead of --backend")
     r.add_argument("--interpret", action="store_true")
     r.add_argument("--simulate", action="store_true")
     r.add_argument("--cases", default="quick", choices=["quick", "full", "gpu"])

@@ -41,21 +41,24 @@ class CheckResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def judge(self, err, ref_err, tol: Tolerance, rel: Relative | None) -> "CheckResult":
+    def judge(self, err, ref_err, tol: Tolerance, rel: Relative | None, parts: list | None = None) -> "CheckResult":
         """The numeric verdict from `err` and cpu_ref's `ref_err` (compare.Errors against the same golden): the
         absolute row (`err.rel <= tol.rtol`) and, where the table has one, the relative row (`err.rel` within
-        `rel.multiple` times cpu_ref's error, floored). A verdict already FAIL stays FAIL; reasons are prepended
-        to the detail."""
+        `rel.multiple` times cpu_ref's error, floored). `parts`, a list of (err, ref_err) pairs (a block's steps),
+        judges the relative row part by part: the worst part's ratio is the check's. A verdict already FAIL stays
+        FAIL; reasons are prepended to the detail."""
         self.rel_err, self.max_abs, self.max_rel, self.ref_rel_err = err.rel, err.max_abs, err.max_rel, ref_err.rel
         problems = []
         if not err.rel <= tol.rtol:
             problems.append(f"error {err.rel:.3g} exceeds {tol.rtol:.3g} (cpu_ref in {self.dtype}: {ref_err.rel:.3g})")
         if rel is not None:
-            self.ref_multiple, self.ref_limit = rel.ratio(err.rel, ref_err.rel), rel.multiple
+            worst, worst_ref = max(parts or [(err, ref_err)], key=lambda p: rel.ratio(p[0].rel, p[1].rel))
+            self.ref_multiple, self.ref_limit = rel.ratio(worst.rel, worst_ref.rel), rel.multiple
             if not self.ref_multiple <= rel.multiple:
+                where = f" (worst part: {worst.rel:.3g} vs {worst_ref.rel:.3g})" if parts else ""
                 problems.append(f"error {err.rel:.3g} is {self.ref_multiple:.3g}x cpu_ref's own {ref_err.rel:.3g} "
-                                f"in {self.dtype} on the same inputs (allowed {rel.multiple:g}x, floor {rel.floor:.3g}; "
-                                f"{rel.source} relative)")
+                                f"in {self.dtype} on the same inputs{where} (allowed {rel.multiple:g}x, floor "
+                                f"{rel.floor:.3g}; {rel.source} relative)")
         if problems:
             self.verdict = FAIL
             self.detail = "; ".join(problems + ([self.detail] if self.detail else []))

@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> None:
         backend, avail = buggy_backend(args.variant)
     else:
         backend, avail = registry.activate(args.backend, mode)
-    label = args.label or (args.variant and f"variant {args.variant}") or args.backend + (" (interpret)" if args.interpret else " (simulate)" if args.simulate else "")
+    mode_label = " (interpret)" if args.interpret else " (simulate)" if args.simulate else ""
+    label = args.label or (args.variant and f"variant {args.variant}") or args.backend + mode_label
     out = Path(args.out)
     records = json.loads(out.read_text()) if out.exists() else []
     levels = args.levels.split(",")

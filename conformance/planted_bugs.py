@@ -212,6 +212,14 @@ def prefill_keys_capped_at_128(q, k, v, cu_q, cu_k, scale):
     return out
 
 
+def decode_verify_without_causal_mask(q_lat, q_pe, cache, block_table, lens, scale):
+    """With S > 1 new tokens (MTP verification) every new token attends to all of them: the causal mask inside the
+    verify step is missing. Plain decoding (S = 1) is right, so only MTP shows it at model level."""
+    outs = [_decode(q_lat[:, s:s + 1], q_pe[:, s:s + 1], cache, block_table, lens, scale)
+            for s in range(q_lat.shape[1])]
+    return torch.cat(outs, dim=1) if outs else q_lat.new_empty(q_lat.shape)
+
+
 # --- Optional arguments absent.
 
 
@@ -254,6 +262,7 @@ PLANTED = {
     "prefill_keys_capped_at_128": ("attention_prefill", prefill_keys_capped_at_128),
     "gate_without_bias_skips_groups": ("moe_gate", gate_without_bias_skips_groups),
     "linear_float_weight_in_bfloat16": ("linear", linear_float_weight_in_bfloat16),
+    "decode_verify_without_causal_mask": ("mla_decode", decode_verify_without_causal_mask),
 }
 """bug name -> (the operator it lives in, the buggy implementation)."""
 

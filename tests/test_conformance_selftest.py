@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-from conformance import model_checks, op_checks
+from conformance import block_checks, model_checks, op_checks
 from conformance.__main__ import run_suite
 from conformance.context import FAIL, PASS, Suite
-from conformance.planted_bugs import PLANTED, buggy_backend
+from conformance.planted_bugs import LEGITIMATE, PLANTED, buggy_backend
 from core import registry
 from core.backend import RunMode
 from tests.helpers import fresh_seed, run_cli, run_main
@@ -44,6 +44,68 @@ def test_planted_bug_fails_and_is_named(bug):
     assert named == {op}, f"{bug}: op level named {named}, expected {op} (seed {seed})"
 
 
+ISSUE_12_CLASSES = {
+    # a statistic, softmax or combine in the 16-bit working dtype: inside the absolute rows, caught relatively
+    "rms_norm_statistic_in_working_dtype": "numerics",
+    "prefill_softmax_in_working_dtype": "numerics",
+    "experts_combine_in_working_dtype": "numerics",
+    # a stated invariant broken while golden stays close
+    "add_rms_norm_normalises_unrounded_sum": "invariant",
+    # wrong only past a tile boundary
+    "linear_tail_tile_drops_partial_k": "tile",
+    "prefill_keys_capped_at_128": "tile",
+    # wrong only when an optional argument is absent (no correction bias, no block scales)
+    "gate_without_bias_skips_groups": "optional",
+    "linear_float_weight_in_bfloat16": "optional",
+}
+TILE_CASES = ("65", "129", "257", "over-128")
+OPTIONAL_CASES = ("no-bias", "v2-", "router-fp32", "bf16-weight", "bfloat16-weight")
+
+
+@pytest.mark.parametrize("bug", sorted(ISSUE_12_CLASSES))
+def test_issue_12_bug_classes_are_caught_by_their_mechanism(bug):
+    """Each class of bug that used to slip through fails its operator's quick checks, for the right reason: the
+    numeric ones only through the relative verdict (every failing error is inside its absolute row), the broken
+    invariant through the rounding check, the tile and optional-argument bugs only in the cases that reach them."""
+    backend, avail = buggy_backend(bug)
+    seed = fresh_seed()
+    op = PLANTED[bug][0]
+    results = op_checks.run(Suite(backend, avail, RunMode(), "quick", seed), [op])
+    failed = [r for r in results if r.verdict == FAIL]
+    assert failed and {r.op for r in failed} == {op}, f"{bug}: not caught (seed {seed})"
+    kind = ISSUE_12_CLASSES[bug]
+    names = [r.name for r in failed]
+    if kind in ("numerics", "invariant"):
+        assert all(r.rel_err <= r.tolerance for r in failed), f"{bug}: the absolute rows alone catch it: {names}"
+        needle = "cpu_ref's own" if kind == "numerics" else "rounding:"
+        assert any(needle in r.detail for r in failed), [r.detail for r in failed]
+    elif kind == "tile":
+        assert all(any(t in n.split("/")[2] for t in TILE_CASES) for n in names), names
+    else:
+        assert all(any(t in n.split("/")[2] for t in OPTIONAL_CASES) for n in names), names
+
+
+@pytest.mark.parametrize("variant", sorted(LEGITIMATE))
+def test_legitimate_variants_pass(variant):
+    """Implementations that round where the contract allows (flash attention's P, the SwiGLU product between the
+    expert GEMMs, another float32 reduction order) are never failed by the relative verdict or the invariants."""
+    backend, avail = buggy_backend(variant)
+    seed = fresh_seed()
+    results = op_checks.run(Suite(backend, avail, RunMode(), "quick", seed), [LEGITIMATE[variant][0]])
+    failed = [f"{r.name}: {r.detail}" for r in results if r.verdict == FAIL]
+    assert not failed and any(r.verdict == PASS for r in results), f"seed {seed}: {failed}"
+
+
+def test_relative_verdict_at_block_level():
+    """A bf16 statistic in rms_norm fails the MLA block relative to cpu_ref's own error, inside the absolute row."""
+    backend, avail = buggy_backend("rms_norm_statistic_in_working_dtype")
+    suite = Suite(backend, avail, RunMode(), "quick", fresh_seed())
+    with torch.no_grad():
+        result = block_checks.check_mla(suite, torch.bfloat16)
+    assert result.verdict == FAIL and result.rel_err <= result.tolerance, result.detail
+    assert result.ref_multiple > result.ref_limit and "cpu_ref's own" in result.detail
+
+
 @pytest.mark.parametrize("bug", CAUGHT_AT_MODEL_LEVEL)
 def test_model_level_bisection_names_the_operator(bug):
     backend, avail = buggy_backend(bug)
@@ -53,6 +115,17 @@ def test_model_level_bisection_names_the_operator(bug):
         result = level.check("logits", level.logits_problem, bisect=True)
     assert result.verdict == FAIL, result.detail
     assert result.culprits == [PLANTED[bug][0]], result.detail
+
+
+def test_mtp_failure_is_bisected_to_the_operator():
+    """A verify step (S = 2) without its causal mask leaves plain greedy decoding right; the MTP check fails and its
+    bisection names mla_decode."""
+    backend, avail = buggy_backend("decode_verify_without_causal_mask")
+    suite = Suite(backend, avail, RunMode(), "quick", fresh_seed())
+    level = model_checks.ModelLevel(suite, torch.float32)
+    with torch.no_grad():
+        result = level.check("mtp", level.mtp_problem, bisect=True)
+    assert result.verdict == FAIL and result.culprits == ["mla_decode"], result.detail
 
 
 def test_scaffolded_backend_is_discovered_passes_and_names_a_broken_operator(tmp_path):

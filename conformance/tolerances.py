@@ -5,7 +5,9 @@ Two verdicts read it. The absolute one: a check's norm-wise relative error again
 within the row's `rtol`. The relative one (section `relative`): the error must also stay within `multiple` times
 what cpu_ref itself reaches in the same working dtype on the same inputs, or within `floor` where cpu_ref is (near)
 exact. A manifest override that sets `rtol` declares numerics of its own (e.g. weights dequantised to bfloat16), so
-it replaces the relative row too: by its own `multiple` (and `floor`) when it gives one, else by none."""
+it replaces the relative row too: by its own `multiple` (and `floor`) when it gives one, else by none; and with
+`rounded_once: false` it declares that the operator does not round once where the contract says so (the rounded-once
+invariant of conformance/invariants.py is then reported, not judged)."""
 
 from __future__ import annotations
 
@@ -105,8 +107,13 @@ class ToleranceTable:
             return Tolerance(None, str(row["skip"]), skip=True, source=source)
         return Tolerance(float(row["rtol"]), str(row["reason"]), source=source)
 
-    def rounding_fraction(self, op: str, dtype: str) -> float:
-        """The share of output elements that may differ from golden rounded once (section `rounded_once`)."""
+    def rounding_fraction(self, op: str, dtype: str, numerics: str = "reference", mode: str = "normal"
+                          ) -> float | None:
+        """The share of output elements that may differ from golden rounded once (section `rounded_once`), or None
+        where a manifest override of the absolute row declares `rounded_once: false` (with its reason)."""
+        absolute = _best(self.rows, op, dtype, numerics, mode)
+        if absolute is not None and absolute[0].get("_override") and absolute[0].get("rounded_once") is False:
+            return None
         row = self.rounding.get(dtype) or {}
         return float(row.get("max_fraction", 1.0))
 

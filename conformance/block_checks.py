@@ -11,7 +11,7 @@ import zlib
 import torch
 
 from conformance.compare import Errors, errors
-from conformance.context import FAIL, PASS, SKIP, CheckResult, Suite
+from conformance.context import FAIL, SKIP, CheckResult, Suite
 from core.batch import Batch
 from core.checkpoint import MemoryCheckpoint
 from core.config import ModelConfig

@@ -89,8 +89,8 @@ def table(paths: list[str]) -> str:
             if rec["rel_err"] is None or rec["ref_rel_err"] is None:
                 continue  # skipped or structurally failed: nothing numeric to calibrate
             rows[(rec["backend"], rec["level"], rec["op"], rec["dtype"], rec.get("numerics", ""))].append(rec)
-    lines = ["| backend | check | dtype | numerics | seeds | checks | cpu_ref error (min-max) | worst raw ratio "
-             "| worst floored ratio | allowed multiple (floor) | relative fails | absolute fails |",
+    lines = [("| backend | check | dtype | numerics | seeds | checks | cpu_ref error (min-max) | worst raw ratio "
+              "| worst floored ratio | allowed multiple (floor) | relative fails | absolute fails |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (backend, level, op, dtype, numerics), recs in sorted(rows.items()):
         rel = table_.relative(op, dtype, numerics or "reference", recs[0]["mode"])

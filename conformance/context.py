@@ -9,10 +9,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from backends import cpu_ref
-from core.backend import Availability, Backend, Manifest, RunMode
-from core.dispatch import Dispatch
 from conformance.inputs import Hooks
 from conformance.tolerances import Relative, Tolerance, ToleranceTable
+from core.backend import Availability, Backend, Manifest, RunMode
+from core.dispatch import Dispatch
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 
@@ -41,7 +41,7 @@ class CheckResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def judge(self, err, ref_err, tol: Tolerance, rel: Relative | None, parts: list | None = None) -> "CheckResult":
+    def judge(self, err, ref_err, tol: Tolerance, rel: Relative | None, parts: list | None = None) -> CheckResult:
         """The numeric verdict from `err` and cpu_ref's `ref_err` (compare.Errors against the same golden): the
         absolute row (`err.rel <= tol.rtol`) and, where the table has one, the relative row (`err.rel` within
         `rel.multiple` times cpu_ref's error, floored). `parts`, a list of (err, ref_err) pairs (a block's steps),

@@ -77,7 +77,7 @@ def rounded_once(op: str, dtype: torch.dtype, outs: list[Tensor], golden: list[T
 
 def gate_invariants(outs: list[Tensor], args: tuple) -> str:
     weights, ids = outs[0].cpu(), outs[1].cpu()
-    logits, _, top_k, n_group, topk_group, scale, renorm = args[:7]
+    logits, _, _, n_group, topk_group, scale, renorm = args[:7]
     t, e = logits.shape
     if t == 0:
         return ""

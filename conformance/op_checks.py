@@ -11,9 +11,9 @@ import torch
 import yaml
 from torch import Tensor
 
-from conformance.compare import Errors, errors, routing_margins
-from conformance.context import FAIL, PASS, SKIP, CheckResult, Suite
 from conformance import invariants
+from conformance.compare import Errors, errors, routing_margins
+from conformance.context import FAIL, SKIP, CheckResult, Suite
 from conformance.inputs import build, fixed_dtype
 from core.backend import DTYPE_NAMES
 from core.ops import OPERATORS

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import Tensor
 
 from backends import cpu_ref
 from backends.cpu_ref.attention import attention_prefill as _prefill

@@ -55,9 +55,10 @@ def pytest_generate_tests(metafunc):
     if "model_check" in metafunc.fixturenames:
         params = []
         if "model" in levels:
-            names = ("logits", "greedy", "mtp") + (("batch",) if model_checks.LARGE_BATCH[suite.case_set] else ())
-            for d in suite.working_dtypes([op for op in OPERATORS if op != "moe_gate"]):
-                for name in names:
+            dtypes = suite.working_dtypes([op for op in OPERATORS if op != "moe_gate"])
+            for d in dtypes:
+                batch = ("batch",) if model_checks.LARGE_BATCH[suite.case_set] and d == dtypes[0] else ()
+                for name in ("logits", "greedy", "mtp") + batch:
                     params.append(pytest.param((name, d), id=f"{name}/{_dname(d)}"))
         metafunc.parametrize("model_check", params)
 

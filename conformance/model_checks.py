@@ -25,9 +25,8 @@ NEW_TOKENS = {"quick": 8, "full": 16, "gpu": 32}
 MTP_NEW_TOKENS = 16  # ~25 drafts at the default's ~37% acceptance: both paths run (P(none accepted) ~ 1e-5)
 LARGE_BATCH = {"quick": 0, "full": 11, "gpu": 24}
 """Prompts of PROMPT_LEN tokens prefilled in ONE batch by the batch check (in the first working dtype only, bfloat16
-where declared): 11 x 48 = 528 tokens, past the largest
-token bucket of the in-tree tuning tables (the Triton MoE's 512-token bucket, the GEMMs' 128-row bucket), then
-decoded together. None in the quick set (the interpreter's time)."""
+where declared): 11 x 48 = 528 tokens, past the largest token bucket of the in-tree tuning tables (the Triton MoE's
+512-token bucket, the GEMMs' 128-row bucket), then decoded together. None in the quick set (the interpreter's time)."""
 BATCH_NEW_TOKENS = 2  # the prefill's token, then one decode step of the whole batch
 
 

@@ -62,6 +62,30 @@ TILE_CASES = ("65", "129", "257", "over-128")
 OPTIONAL_CASES = ("no-bias", "v2-", "router-fp32", "bf16-weight", "bfloat16-weight")
 
 
+def test_relative_rows_cover_every_operator_and_overrides_replace_them():
+    """Every operator and block has a relative row (or an explicit `none`) with a reason in every 16-bit and float32
+    dtype; a manifest override of the absolute row replaces it by its own multiple or by none, and may waive the
+    rounded-once invariant; the floor makes an exact case (cpu_ref's error 0) finite."""
+    from conformance.tolerances import ToleranceTable
+    from core.ops import OPERATORS
+
+    table = ToleranceTable()
+    for op in [*OPERATORS, "mla_block", "moe_block"]:
+        for dtype in ("bfloat16", "float32") if op != "moe_gate" else ("float32",):
+            rel = table.relative(op, dtype)
+            assert rel is not None and rel.multiple > 1 and rel.floor > 0 and len(rel.reason) > 20, (op, dtype)
+    assert table.relative("linear", "float32", "w8a8") is None
+    assert table.relative("mla_block", "bfloat16", "w8a8_fnuz") is None
+    rel = table.relative("rms_norm", "bfloat16")
+    assert rel.ratio(0.0, 0.0) == 0.0 and rel.ratio(rel.floor, 0.0) == rel.multiple
+    assert rel.ratio(3e-3, 1e-3) == pytest.approx(3.0)
+    ascend = ToleranceTable(registry.load("ascend").manifest)
+    assert ascend.relative("linear", "float32") is None  # an override without a multiple
+    override = ascend.relative("linear", "bfloat16")
+    assert override.multiple == 2.5 and override.source == "ascend/manifest.yaml"
+    assert ascend.rounding_fraction("add_rms_norm", "bfloat16") is None and ascend.rounding_fraction("rms_norm", "bfloat16")
+
+
 @pytest.mark.parametrize("bug", sorted(ISSUE_12_CLASSES))
 def test_issue_12_bug_classes_are_caught_by_their_mechanism(bug):
     """Each class of bug that used to slip through fails its operator's quick checks, for the right reason: the

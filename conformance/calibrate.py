@@ -81,8 +81,21 @@ def _records(data) -> list[dict]:
     return records
 
 
+def _table_for(label: str, cache: dict) -> ToleranceTable:
+    """The tolerance table a record is judged by: with its backend's manifest overrides where it is a backend."""
+    name = label.split(" ")[0]
+    if name not in cache:
+        from core import registry
+
+        try:
+            cache[name] = ToleranceTable(registry.load(name).manifest)
+        except Exception:  # a variant or an unknown label: the plain table
+            cache[name] = ToleranceTable()
+    return cache[name]
+
+
 def table(paths: list[str]) -> str:
-    table_ = ToleranceTable()
+    tables: dict[str, ToleranceTable] = {}
     rows: dict[tuple, list[dict]] = defaultdict(list)
     for path in paths:
         for rec in _records(json.loads(Path(path).read_text())):
@@ -93,7 +106,7 @@ def table(paths: list[str]) -> str:
               "| worst floored ratio | allowed multiple (floor) | relative fails | absolute fails |"),
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (backend, level, op, dtype, numerics), recs in sorted(rows.items()):
-        rel = table_.relative(op, dtype, numerics or "reference", recs[0]["mode"])
+        rel = _table_for(backend, tables).relative(op, dtype, numerics or "reference", recs[0]["mode"])
         raw = [r["rel_err"] / r["ref_rel_err"] for r in recs if r["ref_rel_err"] > 0]
         floored = [rel.ratio(r["rel_err"], r["ref_rel_err"]) for r in recs] if rel else []
         rel_fails = sum(x > rel.multiple for x in floored) if rel else 0

@@ -27,7 +27,7 @@ LARGE_BATCH = {"quick": 0, "full": 11, "gpu": 24}
 """Prompts of PROMPT_LEN tokens prefilled in ONE batch by the batch check (in the first working dtype only, bfloat16
 where declared): 11 x 48 = 528 tokens, past the largest token bucket of the in-tree tuning tables (the Triton MoE's
 512-token bucket, the GEMMs' 128-row bucket), then decoded together. None in the quick set (the interpreter's time)."""
-BATCH_NEW_TOKENS = 2  # the prefill's token, then one decode step of the whole batch
+BATCH_NEW_TOKENS = 4  # the prefill's token, then decode steps of the whole batch (44 judged tokens)
 
 
 @lru_cache(maxsize=1)

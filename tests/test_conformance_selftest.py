@@ -143,17 +143,6 @@ def test_model_level_bisection_names_the_operator(bug):
     assert result.culprits == [PLANTED[bug][0]], result.detail
 
 
-def test_mtp_failure_is_bisected_to_the_operator():
-    """A verify step (S = 2) without its causal mask leaves plain greedy decoding right; the MTP check fails and its
-    bisection names mla_decode."""
-    backend, avail = buggy_backend("decode_verify_without_causal_mask")
-    suite = Suite(backend, avail, RunMode(), "quick", fresh_seed())
-    level = model_checks.ModelLevel(suite, torch.float32)
-    with torch.no_grad():
-        result = level.check("mtp", level.mtp_problem, bisect=True)
-    assert result.verdict == FAIL and result.culprits == ["mla_decode"], result.detail
-
-
 def test_scaffolded_backend_is_discovered_passes_and_names_a_broken_operator(tmp_path):
     env = {registry.PATH_ENV: str(tmp_path)}
     made = run_cli("conformance", "new-backend", "acme", "--dir", str(tmp_path), env=env)

@@ -9,10 +9,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from backends import cpu_ref
+from conformance.inputs import Hooks
+from conformance.tolerances import Relative, Tolerance, ToleranceTable
 from core.backend import Availability, Backend, Manifest, RunMode
 from core.dispatch import Dispatch
-from conformance.inputs import Hooks
-from conformance.tolerances import ToleranceTable
 
 PASS, FAIL, SKIP = "pass", "fail", "skip"
 
@@ -29,6 +29,8 @@ class CheckResult:
     max_abs: float | None = None
     max_rel: float | None = None
     ref_rel_err: float | None = None  # what cpu_ref itself reaches in the same working dtype
+    ref_multiple: float | None = None  # rel_err / cpu_ref's rel_err (floored: tolerances.yaml `relative`)
+    ref_limit: float | None = None  # the multiple of cpu_ref's error allowed (None: no relative verdict)
     tolerance: float | None = None
     tolerance_reason: str = ""
     tolerance_source: str = ""
@@ -38,6 +40,31 @@ class CheckResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def judge(self, err, ref_err, tol: Tolerance, rel: Relative | None, parts: list | None = None) -> CheckResult:
+        """The numeric verdict from `err` and cpu_ref's `ref_err` (compare.Errors against the same golden): the
+        absolute row (`err.rel <= tol.rtol`) and, where the table has one, the relative row (`err.rel` within
+        `rel.multiple` times cpu_ref's error, floored). `parts`, a list of (err, ref_err) pairs (a block's steps),
+        judges the relative row part by part: the worst part's ratio is the check's. A verdict already FAIL stays
+        FAIL; reasons are prepended to the detail."""
+        self.rel_err, self.max_abs, self.max_rel, self.ref_rel_err = err.rel, err.max_abs, err.max_rel, ref_err.rel
+        problems = []
+        if not err.rel <= tol.rtol:
+            problems.append(f"error {err.rel:.3g} exceeds {tol.rtol:.3g} (cpu_ref in {self.dtype}: {ref_err.rel:.3g})")
+        if rel is not None:
+            worst, worst_ref = max(parts or [(err, ref_err)], key=lambda p: rel.ratio(p[0].rel, p[1].rel))
+            self.ref_multiple, self.ref_limit = rel.ratio(worst.rel, worst_ref.rel), rel.multiple
+            if not self.ref_multiple <= rel.multiple:
+                where = f" (worst part: {worst.rel:.3g} vs {worst_ref.rel:.3g})" if parts else ""
+                problems.append(f"error {err.rel:.3g} is {self.ref_multiple:.3g}x cpu_ref's own {ref_err.rel:.3g} "
+                                f"in {self.dtype} on the same inputs{where} (allowed {rel.multiple:g}x, floor "
+                                f"{rel.floor:.3g}; {rel.source} relative)")
+        if problems:
+            self.verdict = FAIL
+            self.detail = "; ".join(problems + ([self.detail] if self.detail else []))
+        elif self.verdict != FAIL:
+            self.verdict = PASS
+        return self
 
 
 @dataclass

@@ -65,24 +65,36 @@ def randn(g: torch.Generator, *shape: int, scale: float = 1.0) -> Tensor:
     return torch.randn(*shape, generator=g, dtype=F64) * scale
 
 
+def _leading(p) -> tuple[int, ...]:
+    """The leading dims of an activation: tokens, then `middle` (a list) where the contract allows more dims."""
+    middle = p.get("middle", [])
+    return (p["tokens"], *(middle if isinstance(middle, list) else [middle]))
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return ",".join(str(d) for d in shape)
+
+
 def _norm(p, g):
-    x, w = randn(g, p["tokens"], p["dim"], scale=p.get("scale", 1.0)), 1 + 0.1 * randn(g, p["dim"])
+    lead = _leading(p)
+    x, w = randn(g, *lead, p["dim"], scale=p.get("scale", 1.0)), 1 + 0.1 * randn(g, p["dim"])
     eps, view = p.get("eps", 1e-6), p.get("strided", False)
     return CaseInputs(lambda wd, rd, dev, h: (strided(act(x, wd, rd, dev), view), act(w, wd, rd, dev), eps),
-                      f"x[{p['tokens']},{p['dim']}]{' strided' if view else ''} eps={eps}")
+                      f"x[{_dims(lead)},{p['dim']}]{' strided' if view else ''} eps={eps}")
 
 
 def _add_norm(p, g):
-    s = p.get("scale", 1.0)
-    x, r, w = randn(g, p["tokens"], p["dim"], scale=s), randn(g, p["tokens"], p["dim"], scale=s), 1 + 0.1 * randn(g, p["dim"])
+    s, lead = p.get("scale", 1.0), _leading(p)
+    x, r, w = randn(g, *lead, p["dim"], scale=s), randn(g, *lead, p["dim"], scale=s), 1 + 0.1 * randn(g, p["dim"])
     eps = p.get("eps", 1e-6)
     return CaseInputs(lambda wd, rd, dev, h: (act(x, wd, rd, dev), act(r, wd, rd, dev), act(w, wd, rd, dev), eps),
-                      f"x,residual[{p['tokens']},{p['dim']}] eps={eps}")
+                      f"x,residual[{_dims(lead)},{p['dim']}] eps={eps}")
 
 
 def _rope(p, g):
-    t, heads, dim = p["tokens"], p["heads"], p["dim"]
-    x = randn(g, t, heads, dim)
+    t, dim = p["tokens"], p["dim"]
+    heads = _dims(tuple(p["heads"]) if isinstance(p["heads"], list) else (p["heads"],))
+    x = randn(g, t, *(p["heads"] if isinstance(p["heads"], list) else [p["heads"]]), dim)
     pos = torch.randint(0, p.get("max_position", 4096), (t,), generator=g)
     rope = RopeConfig(**{**V3_ROPE.__dict__, "dim": dim})
     cos, sin = RotaryTable(rope, torch.device("cpu"), torch.float32)(pos)
@@ -162,16 +174,18 @@ def paged_decode_cache(lens: list[int], width: int, block_size: int, g: torch.Ge
 def _decode(p, g):
     b, s, heads, r, pe = p["batch"], p["new"], p["heads"], p["rank"], p["rope"]
     bs, layout = p.get("block_size", 16), p.get("table", "shuffled")
-    lens = torch.tensor(p["lens"], dtype=torch.int64)
-    cache, table = paged_decode_cache(p["lens"], r + pe, bs, g, layout)
+    seq_lens = [p["lens"][i % len(p["lens"])] for i in range(b)] if p["lens"] else []  # cycled up to the batch
+    lens = torch.tensor(seq_lens, dtype=torch.int64)
+    cache, table = paged_decode_cache(seq_lens, r + pe, bs, g, layout)
     q_lat, q_pe = randn(g, b, s, heads, r, scale=0.1), randn(g, b, s, heads, pe)
     scale, view = p.get("scale", V3_SOFTMAX_SCALE), p.get("strided", False)
 
     def make(wd, rd, dev, h):
         return (act(q_lat, wd, rd, dev), strided(act(q_pe, wd, rd, dev), view), act(cache, wd, rd, dev),
                 table.to(dev), lens.to(dev), scale)
+    shown = seq_lens if len(seq_lens) <= 8 else f"{p['lens']} cycled over {b} sequences"
     return CaseInputs(make, f"q_lat[{b},{s},{heads},{r}] q_pe{' strided' if view else ''} "
-                            f"cache[{cache.shape[0]},{bs},{r + pe}] {layout} table lens={p['lens']} "
+                            f"cache[{cache.shape[0]},{bs},{r + pe}] {layout} table lens={shown} "
                             f"scale={scale:.4g}", extra={"block_size": bs})
 
 
@@ -201,16 +215,21 @@ def _experts(p, g):
     if remote and t:
         ids[torch.rand(t, k, generator=g, dtype=F64) < remote] = -1
         ids[0] = -1  # one token with no local expert at all: its row must be exactly 0
+        # a -1 slot's weight is ignored: a weight that would dominate the row if an expert were applied with it
+        # (finite: a combine that multiplies it by a zero contribution is allowed)
+        weights[ids < 0] = 1.0e4
     if p.get("weight", "fp8") == "fp8":
         quantized = [quantize_blocks(w.float()) for w in ws]
 
         def prepared(wd, rd, dev, h):
             flat = [x for c, s in quantized for x in (c.to(dev), s.to(dev))]
             return h.prepare_experts(*flat)
-    else:
+    else:  # float experts (no scales): in the working dtype ("same") or a fixed one
+        wdt = {"same": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[p["weight"]]
+
         def prepared(wd, rd, dev, h):
-            return h.prepare_experts(act(ws[0], wd, rd, dev), None, act(ws[1], wd, rd, dev), None,
-                                     act(ws[2], wd, rd, dev), None)
+            return h.prepare_experts(act(ws[0], wdt or wd, rd, dev), None, act(ws[1], wdt or wd, rd, dev), None,
+                                     act(ws[2], wdt or wd, rd, dev), None)
 
     def make(wd, rd, dev, h):
         return (act(x, wd, rd, dev), prepared(wd, rd, dev, h), weights.to(F64 if rd == F64 else torch.float32).to(dev),

@@ -24,6 +24,11 @@ from core.ops import OPERATORS, WEIGHT_HOOK
 PROMPT_LEN = 48
 NEW_TOKENS = {"quick": 8, "full": 16, "gpu": 32}
 MTP_NEW_TOKENS = 16  # ~25 drafts at the default's ~37% acceptance: both paths run (P(none accepted) ~ 1e-5)
+LARGE_BATCH = {"quick": 0, "full": 11, "gpu": 24}
+"""Prompts of PROMPT_LEN tokens prefilled in ONE batch by the batch check (in the first working dtype only, bfloat16
+where declared): 11 x 48 = 528 tokens, past the largest token bucket of the in-tree tuning tables (the Triton MoE's
+512-token bucket, the GEMMs' 128-row bucket), then decoded together. None in the quick set (the interpreter's time)."""
+BATCH_NEW_TOKENS = 4  # the prefill's token, then decode steps of the whole batch (44 judged tokens)
 
 
 @lru_cache(maxsize=1)
@@ -68,6 +73,9 @@ class ModelLevel:
         self.new_tokens = NEW_TOKENS[suite.case_set]
         self.golden = _model(suite.golden_dispatch(), torch.device("cpu"), torch.float64)
         self.golden_logits = Generator(self.golden).teacher_forced_logits(self.prompts[0])
+        g = torch.Generator().manual_seed(suite.seed ^ zlib.crc32(b"batch"))
+        self.batch_prompts = [[0] + torch.randint(3, 259, (PROMPT_LEN - 1,), generator=g).tolist()
+                              for _ in range(LARGE_BATCH[suite.case_set])]
 
     def _result(self, name: str, shape: str) -> CheckResult:
         return CheckResult("model", f"model/{name}/{self.dname}", name, SKIP, self.dname, shape,
@@ -115,6 +123,30 @@ class ModelLevel:
         stats = {"greedy_agreement": fraction, "near_ties": ties}
         if fraction < self.limits["greedy"]:
             return f"greedy agreement {fraction:.3f} < {self.limits['greedy']}; {first}", stats
+        return "", stats
+
+    def batch_problem(self, ops: Dispatch) -> tuple[str, dict]:
+        """Greedy decoding of many prompts in one batch (a prefill of more than 512 tokens, then decode steps of the
+        whole batch), judged like `greedy_problem`: each token must be golden's argmax on the sequence's own
+        prefix, near-ties either way."""
+        model = _model(ops, self.suite.device, self.dtype)
+        outs = Generator(model).generate(self.batch_prompts, BATCH_NEW_TOKENS, stop_at_eos=False).output_ids
+        agree = total = 0
+        first = ""
+        for index, (prompt, out) in enumerate(zip(self.batch_prompts, outs)):
+            golden = Generator(self.golden).teacher_forced_logits(prompt + out[:-1])[len(prompt) - 1:]
+            decisive = self._decisive(golden).tolist()
+            for i, (a, b, d) in enumerate(zip(out, golden.argmax(-1).tolist(), decisive)):
+                total += 1
+                if a == b or not d:
+                    agree += 1
+                elif not first:
+                    first = f"first disagreement: sequence {index}, token {i} is {a}, golden says {b}"
+        fraction = agree / total
+        stats = {"batch_agreement": fraction, "sequences": len(outs),
+                 "prefill_tokens": sum(len(p) for p in self.batch_prompts)}
+        if fraction < self.limits["greedy"]:
+            return f"batched greedy agreement {fraction:.3f} < {self.limits['greedy']}; {first}", stats
         return "", stats
 
     def mtp_problem(self, ops: Dispatch) -> tuple[str, dict]:
@@ -173,6 +205,8 @@ class ModelLevel:
     def bisect(self, probe) -> list[str]:
         culprits = []
         for op in self.suite.backend.ops:
+            if self.suite.backend.ops[op] is self.suite.reference_op(op):
+                continue  # cpu_ref's own implementation: isolating it runs the reference alone, nothing to learn
             try:
                 problem, _ = probe(isolate(self.suite, op))
             except Exception:
@@ -193,8 +227,10 @@ def run(suite: Suite, bisect: bool = True) -> list[CheckResult]:
         if str(dtype).replace("torch.", "") not in suite.tolerances.model:
             continue
         skip = suite.tolerances.lookup("linear", str(dtype).replace("torch.", ""), "reference", suite.mode_name)
+        first = dtype == suite.working_dtypes(ops)[0]  # the batch check runs once, in the first (bf16) dtype
+        names = ("logits", "greedy", "mtp") + (("batch",) if LARGE_BATCH[suite.case_set] and first else ())
         if skip.skip:
-            for name in ("logits", "greedy", "mtp"):
+            for name in names:
                 results.append(CheckResult("model", f"model/{name}/{str(dtype).replace('torch.', '')}", name, SKIP,
                                            str(dtype).replace("torch.", ""), detail=skip.reason))
             continue
@@ -202,5 +238,7 @@ def run(suite: Suite, bisect: bool = True) -> list[CheckResult]:
         with torch.no_grad():
             results.append(level.check("logits", level.logits_problem, bisect))
             results.append(level.check("greedy", level.greedy_problem, bisect))
-            results.append(level.check("mtp", level.mtp_problem, False))
+            results.append(level.check("mtp", level.mtp_problem, bisect))  # bisected like the others
+            if "batch" in names:
+                results.append(level.check("batch", level.batch_problem, bisect))
     return results + perplexity_checks.run(suite)

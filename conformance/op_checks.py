@@ -11,8 +11,9 @@ import torch
 import yaml
 from torch import Tensor
 
+from conformance import invariants
 from conformance.compare import Errors, errors, routing_margins
-from conformance.context import FAIL, PASS, SKIP, CheckResult, Suite
+from conformance.context import FAIL, SKIP, CheckResult, Suite
 from conformance.inputs import build, fixed_dtype
 from core.backend import DTYPE_NAMES, SCALE_FORMAT_CLASSES
 from core.errors import UserError
@@ -167,13 +168,23 @@ def check_case(suite: Suite, op: str, case: dict, dtype: torch.dtype, inputs=Non
             problem = f"modified its input(s) {', '.join(changed)}"
     if not problem and not all(_same(a, b) for a, b in zip(outs, outs2)) and op not in suite.manifest.nondeterministic:
         problem = "two runs on the same input gave different results (and the manifest declares no reason)"
+    if not problem:
+        problem = invariants.structural(op, outs, args)
     if problem:
         result.verdict, result.detail = FAIL, problem
         return result
     if tol.skip:
         result.detail = f"structure checked; numbers not judged: {tol.reason}"
         return result
-    golden = _flat(ref_op(*inputs.make(dtype, torch.float64, cpu, suite.reference_hooks())))
+    golden_args = inputs.make(dtype, torch.float64, cpu, suite.reference_hooks())
+    golden = _flat(ref_op(*golden_args))
+    rounding, fraction = invariants.rounded_once(op, dtype, outs, golden, golden_args,
+                                                 suite.tolerances.rounding_fraction(op, dname, numerics,
+                                                                                    suite.mode_name))
+    if rounding:
+        result.verdict, result.detail = FAIL, f"rounding: {rounding}"
+    elif fraction:
+        result.detail = f"rounded once: {fraction:.3%} of elements not golden rounded once to {dname}"
     if op == "moe_gate":
         logits, bias, top_k, n_group, topk_group = args[0], args[1], args[2], args[3], args[4]
         rule = tuple(args[7:9])  # scoring, group_score (absent: the contract's defaults)
@@ -195,14 +206,7 @@ def check_case(suite: Suite, op: str, case: dict, dtype: torch.dtype, inputs=Non
             if o.is_floating_point() and bool(o.isnan().any()) and not bool(g.isnan().any()):
                 result.verdict = FAIL
                 result.detail = "NaN in the output where golden has none (a poisoned input row or block was read)"
-    result.rel_err, result.max_abs, result.max_rel, result.ref_rel_err = err.rel, err.max_abs, err.max_rel, ref_err.rel
-    if result.verdict != FAIL:
-        result.verdict = PASS if err.rel <= tol.rtol else FAIL
-        if result.verdict == FAIL:
-            result.detail = (f"error {err.rel:.3g} exceeds {tol.rtol:.3g} (cpu_ref in {dname}: {ref_err.rel:.3g})"
-                             + (f"; {result.detail}" if result.detail else ""))
-    return result
-
+    return result.judge(err, ref_err, tol, suite.tolerances.relative(op, dname, numerics, suite.mode_name))
 
 def run(suite: Suite, ops: list[str] | None = None) -> list[CheckResult]:
     cases = load_cases()

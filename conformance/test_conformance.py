@@ -55,8 +55,10 @@ def pytest_generate_tests(metafunc):
     if "model_check" in metafunc.fixturenames:
         params = []
         if "model" in levels:
-            for d in suite.working_dtypes([op for op in OPERATORS if op != "moe_gate"]):
-                for name in ("logits", "greedy", "mtp"):
+            dtypes = suite.working_dtypes([op for op in OPERATORS if op != "moe_gate"])
+            for d in dtypes:
+                batch = ("batch",) if model_checks.LARGE_BATCH[suite.case_set] and d == dtypes[0] else ()
+                for name in ("logits", "greedy", "mtp") + batch:
                     params.append(pytest.param((name, d), id=f"{name}/{_dname(d)}"))
         metafunc.parametrize("model_check", params)
 
@@ -96,6 +98,7 @@ def test_model(request, model_check):
     if dtype not in _levels:
         _levels[dtype] = model_checks.ModelLevel(suite, dtype)
     level = _levels[dtype]
-    probe = {"logits": level.logits_problem, "greedy": level.greedy_problem, "mtp": level.mtp_problem}[name]
+    probe = {"logits": level.logits_problem, "greedy": level.greedy_problem, "mtp": level.mtp_problem,
+             "batch": level.batch_problem}[name]
     with torch.no_grad():
-        _judge(level.check(name, probe, bisect=name != "mtp"))
+        _judge(level.check(name, probe, bisect=True))

@@ -25,6 +25,7 @@ OVERRIDE_KEYS = {
     "multiple": "a positive number: the multiple of cpu_ref's own error allowed",
     "floor": "a non-negative number: the error always allowed where cpu_ref is near exact",
     "skip": "a string: why the check is skipped instead of judged",
+    "rounded_once": "false: the operator does not round once where the contract says so (a declared deviation)",
     "reason": "a non-empty string: why this tolerance",
 }
 UNREAD = {"atol": "the verdict is the norm-wise relative error (rtol); there is no absolute tolerance, so atol would be "
@@ -68,7 +69,7 @@ def check_override(row: Any, key: str, where: str, dtypes: tuple[str, ...], nume
     checks = {"op": lambda v: _names(v, list(OPERATORS) + list(BLOCKS)), "dtype": lambda v: _names(v, dtypes),
               "numerics": lambda v: _names(v, numerics), "mode": lambda v: _names(v, MODES),
               "rtol": lambda v: _is_number(v) and v > 0, "multiple": lambda v: _is_number(v) and v > 0,
-              "floor": lambda v: _is_number(v) and v >= 0,
+              "floor": lambda v: _is_number(v) and v >= 0, "rounded_once": lambda v: v is False,
               "skip": lambda v: isinstance(v, str) and v.strip() != "",
               "reason": lambda v: isinstance(v, str) and v.strip() != ""}
     for k, ok in checks.items():

@@ -156,10 +156,15 @@ class ModelLevel:
         only at a near-tie of the backend's own logits (a margin below `near_tie`)."""
         model = _model(ops, self.suite.device, self.dtype)
         proposed = accepted = ties = 0
-        plains = [Generator(model).generate([p], MTP_NEW_TOKENS, stop_at_eos=False).output_ids[0]
-                  for p in self.prompts]
-        # one at a time, then all prompts in one batch (sequences then accept and reject in the same step)
-        singles = [Generator(model).generate([p], MTP_NEW_TOKENS, mtp=True, stop_at_eos=False) for p in self.prompts]
+        if self.suite.case_set == "quick":  # one batched plain run, one batched MTP run (the interpreter is slow)
+            plains = Generator(model).generate(self.prompts, MTP_NEW_TOKENS, stop_at_eos=False).output_ids
+            singles = []
+        else:  # each prompt alone too
+            plains = [Generator(model).generate([p], MTP_NEW_TOKENS, stop_at_eos=False).output_ids[0]
+                      for p in self.prompts]
+            singles = [Generator(model).generate([p], MTP_NEW_TOKENS, mtp=True, stop_at_eos=False)
+                       for p in self.prompts]
+        # all prompts in one batch: sequences accept and reject drafts in the same step
         batched = Generator(model).generate(self.prompts, MTP_NEW_TOKENS, mtp=True, stop_at_eos=False)
         for spec in singles + [batched]:
             proposed, accepted = proposed + spec.mtp_proposed, accepted + spec.mtp_accepted

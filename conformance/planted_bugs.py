@@ -152,6 +152,13 @@ def prefill_softmax_in_working_dtype(q, k, v, cu_q, cu_k, scale):
     return out
 
 
+def _expert(experts, e: int, ct: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expert e's gate, up and down weights dequantised to ct (for the expert-loop bugs and variants below)."""
+    return tuple(dequantize_blocks(w[e], None if scale is None else scale[e], ct)
+                 for w, scale in ((experts.gate, experts.gate_scale), (experts.up, experts.up_scale),
+                                  (experts.down, experts.down_scale)))
+
+
 def experts_combine_in_working_dtype(x, experts, weights, ids):
     """Each expert's weighted output rounded to x.dtype and summed in x.dtype (the contract: combine in float32)."""
     ct = compute_dtype(x.dtype)
@@ -161,9 +168,7 @@ def experts_combine_in_working_dtype(x, experts, weights, ids):
             continue
         token, slot = torch.nonzero(ids == e, as_tuple=True)
         xe = x[token].to(ct)
-        gate = dequantize_blocks(experts.gate[e], None if experts.gate_scale is None else experts.gate_scale[e], ct)
-        up = dequantize_blocks(experts.up[e], None if experts.up_scale is None else experts.up_scale[e], ct)
-        down = dequantize_blocks(experts.down[e], None if experts.down_scale is None else experts.down_scale[e], ct)
+        gate, up, down = _expert(experts, e, ct)
         y = (torch.nn.functional.silu(xe @ gate.T) * (xe @ up.T)) @ down.T
         out.index_add_(0, token, (y * weights[token, slot, None].to(ct)).to(x.dtype))
     return out
@@ -320,9 +325,7 @@ def experts_swiglu_rounded(x, experts, weights, ids):
             continue
         token, slot = torch.nonzero(ids == e, as_tuple=True)
         xe = x[token].to(ct)
-        gate = dequantize_blocks(experts.gate[e], None if experts.gate_scale is None else experts.gate_scale[e], ct)
-        up = dequantize_blocks(experts.up[e], None if experts.up_scale is None else experts.up_scale[e], ct)
-        down = dequantize_blocks(experts.down[e], None if experts.down_scale is None else experts.down_scale[e], ct)
+        gate, up, down = _expert(experts, e, ct)
         h = (torch.nn.functional.silu(xe @ gate.T) * (xe @ up.T)).to(x.dtype).to(ct)
         out.index_add_(0, token, (h @ down.T) * weights[token, slot, None].to(ct))
     return out.to(x.dtype)

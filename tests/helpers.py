@@ -226,3 +226,19 @@ def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
         expected = torch.cat([expected[:take].sum()[None], expected[take:]])
         observed = torch.cat([observed[:take].sum()[None], observed[take:]])
     return float(((observed - expected) ** 2 / expected).sum()), int(expected.numel()) - 1
+
+
+def route_gate(ops, routes: list | None, replay: bool = False) -> None:
+    """Wrap `ops.moe_gate` (a Dispatch): its results are appended to `routes`, or, with `replay`, taken from
+    `routes` in call order, so a second run routes every token exactly as the first did."""
+    gate, calls = ops.moe_gate, iter(range(1 << 30))
+
+    def moe_gate(*args):
+        if replay:
+            return routes[next(calls)]
+        out = gate(*args)
+        if routes is not None:
+            routes.append(out)
+        return out
+
+    ops.moe_gate = moe_gate

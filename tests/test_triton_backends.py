@@ -31,7 +31,7 @@ from core.default_model import load_default
 from core.dispatch import Dispatch
 from core.generate import Generator
 from core.model import Model
-from tests.helpers import run_cli
+from tests.helpers import route_gate, run_cli
 
 NO_GPU = not torch.cuda.is_available()
 
@@ -47,17 +47,7 @@ def teacher_forced(backend: Backend, prompt: list[int], routes: list | None = No
     appended to `routes`, or, with `replay`, taken from it in call order."""
     ref = registry.load("cpu_ref")
     ops = Dispatch(backend, ref)
-    gate, calls = ops.moe_gate, iter(range(1 << 30))
-
-    def moe_gate(*args):
-        if replay:
-            return routes[next(calls)]
-        out = gate(*args)
-        if routes is not None:
-            routes.append(out)
-        return out
-
-    ops.moe_gate = moe_gate
+    route_gate(ops, routes, replay)
     model = Model.load(default_checkpoint(), ops, torch.device("cpu"), torch.float32, with_mtp=False)
     return Generator(model).teacher_forced_logits(prompt)
 

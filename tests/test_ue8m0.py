@@ -30,7 +30,7 @@ from core.errors import UserError
 from core.fp8 import E4M3_MAX, quantize_activation, round_up_to_power_of_two
 from core.generate import Generator
 from core.model import Model
-from tests.helpers import GateMargins, build_hf, fresh_seed
+from tests.helpers import GateMargins, build_hf, fresh_seed, route_gate
 
 FNUZ_MAX = 240.0
 CPU = torch.device("cpu")
@@ -234,17 +234,7 @@ def v31_checkpoints(root, seed: int):
 def teacher_forced(directory, ops: Dispatch, prompt: list[int], routes: list | None = None,
                    replay: bool = False) -> torch.Tensor:
     """Prompt logits (float32); moe_gate results appended to `routes`, or with `replay` taken from it in order."""
-    gate, calls = ops.moe_gate, iter(range(1 << 30))
-
-    def moe_gate(*args):
-        if replay:
-            return routes[next(calls)]
-        out = gate(*args)
-        if routes is not None:
-            routes.append(out)
-        return out
-
-    ops.moe_gate = moe_gate
+    route_gate(ops, routes, replay)
     model = Model.load(directory, ops, CPU, torch.float32, with_mtp=False)
     return Generator(model).teacher_forced_logits(prompt)
 

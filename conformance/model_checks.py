@@ -102,14 +102,12 @@ class ModelLevel:
             bad.append(f"top-1 agreement {top1:.3f} < {self.limits['top1']}")
         return "; ".join(bad), stats
 
-    def greedy_problem(self, ops: Dispatch) -> tuple[str, dict]:
-        """The fraction of the backend's greedy tokens that are golden's argmax on the backend's own prefix (a
-        near-tie position agrees either way)."""
-        model = _model(ops, self.suite.device, self.dtype)
+    def _agreement(self, prompts: list[list[int]], outs: list[list[int]]) -> tuple[float, int, str]:
+        """(fraction of generated tokens that are golden's argmax on the sequence's own prefix, near-tie positions
+        counting as agreeing; how many of those near-ties disagreed; the first real disagreement, or "")."""
         agree = total = ties = 0
         first = ""
-        for prompt in self.prompts:
-            out = Generator(model).generate([prompt], self.new_tokens, stop_at_eos=False).output_ids[0]
+        for index, (prompt, out) in enumerate(zip(prompts, outs)):
             golden = Generator(self.golden).teacher_forced_logits(prompt + out[:-1])[len(prompt) - 1:]
             decisive = self._decisive(golden).tolist()
             for i, (a, b, d) in enumerate(zip(out, golden.argmax(-1).tolist(), decisive)):
@@ -118,8 +116,17 @@ class ModelLevel:
                     agree += 1
                     ties += a != b
                 elif not first:
-                    first = f"first disagreement: token {i} is {a}, golden says {b} (prompt of {len(prompt)})"
-        fraction = agree / total
+                    first = (f"first disagreement: sequence {index} (prompt of {len(prompt)}), token {i} is {a}, "
+                             f"golden says {b}")
+        return agree / total, ties, first
+
+    def greedy_problem(self, ops: Dispatch) -> tuple[str, dict]:
+        """The fraction of the backend's greedy tokens that are golden's argmax on the backend's own prefix (a
+        near-tie position agrees either way)."""
+        model = _model(ops, self.suite.device, self.dtype)
+        outs = [Generator(model).generate([p], self.new_tokens, stop_at_eos=False).output_ids[0]
+                for p in self.prompts]
+        fraction, ties, first = self._agreement(self.prompts, outs)
         stats = {"greedy_agreement": fraction, "near_ties": ties}
         if fraction < self.limits["greedy"]:
             return f"greedy agreement {fraction:.3f} < {self.limits['greedy']}; {first}", stats
@@ -131,18 +138,7 @@ class ModelLevel:
         prefix, near-ties either way."""
         model = _model(ops, self.suite.device, self.dtype)
         outs = Generator(model).generate(self.batch_prompts, BATCH_NEW_TOKENS, stop_at_eos=False).output_ids
-        agree = total = 0
-        first = ""
-        for index, (prompt, out) in enumerate(zip(self.batch_prompts, outs)):
-            golden = Generator(self.golden).teacher_forced_logits(prompt + out[:-1])[len(prompt) - 1:]
-            decisive = self._decisive(golden).tolist()
-            for i, (a, b, d) in enumerate(zip(out, golden.argmax(-1).tolist(), decisive)):
-                total += 1
-                if a == b or not d:
-                    agree += 1
-                elif not first:
-                    first = f"first disagreement: sequence {index}, token {i} is {a}, golden says {b}"
-        fraction = agree / total
+        fraction, _, first = self._agreement(self.batch_prompts, outs)
         stats = {"batch_agreement": fraction, "sequences": len(outs),
                  "prefill_tokens": sum(len(p) for p in self.batch_prompts)}
         if fraction < self.limits["greedy"]:

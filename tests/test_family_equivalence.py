@@ -53,7 +53,8 @@ FAMILIES = {
 }
 
 
-def build(directory, seed: int, arch: str, overrides: dict, config_edits: dict, dtype: torch.dtype = torch.float32):
+def tiny_transformers_model(arch: str, overrides: dict):
+    """transformers' float32 model of the family ("v2": DeepseekV2, else DeepseekV3) with TINY + overrides."""
     from transformers import (
         DeepseekV2Config,
         DeepseekV2ForCausalLM,
@@ -63,7 +64,11 @@ def build(directory, seed: int, arch: str, overrides: dict, config_edits: dict, 
 
     config_cls, model_cls = ((DeepseekV2Config, DeepseekV2ForCausalLM) if arch == "v2"
                              else (DeepseekV3Config, DeepseekV3ForCausalLM))
-    model = model_cls(config_cls(**{**TINY, **overrides})).float().eval()
+    return model_cls(config_cls(**{**TINY, **overrides})).float().eval()
+
+
+def build(directory, seed: int, arch: str, overrides: dict, config_edits: dict, dtype: torch.dtype = torch.float32):
+    model = tiny_transformers_model(arch, overrides)
     # softmax scores of N(0, 1) logits over 16 experts are ~1/16 with gaps ~1e-3 (sigmoid families: N(0, 9))
     init_weights(model, seed, gate_gain=1.0 if arch == "v2" else 3.0)
     model.to(dtype).save_pretrained(directory)  # bfloat16: every tensor stored in bf16, config dtype bfloat16
@@ -216,16 +221,7 @@ def transformers_twin(arch: str, overrides: dict, state: dict, dtype: torch.dtyp
     """transformers' model of the family holding `state` (float32 tensors), its parameters in `dtype`. Built fresh
     rather than by from_pretrained (which drops a kimi_k2 config's experts: its weight conversion is keyed by
     model_type) or by casting a model (which would round the rotary inv_freq buffers to bfloat16 as well)."""
-    from transformers import (
-        DeepseekV2Config,
-        DeepseekV2ForCausalLM,
-        DeepseekV3Config,
-        DeepseekV3ForCausalLM,
-    )
-
-    config_cls, model_cls = ((DeepseekV2Config, DeepseekV2ForCausalLM) if arch == "v2"
-                             else (DeepseekV3Config, DeepseekV3ForCausalLM))
-    model = model_cls(config_cls(**{**TINY, **overrides})).float().eval()
+    model = tiny_transformers_model(arch, overrides)
     model.load_state_dict(state)
     for p in model.parameters():
         p.data = p.data.to(dtype)

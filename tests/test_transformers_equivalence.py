@@ -71,18 +71,24 @@ def paged(model, positions: int, seed: int, mtp: bool = False):
     return cache, torch.randperm(need + 3, generator=torch.Generator().manual_seed(seed))[:need].tolist()
 
 
+def decode_path_logits(ours, prompt: list[int], seed: int) -> list[torch.Tensor]:
+    """Logits of `prompt` teacher-forced through the absorbed path: a prefill of its first half, then one mla_decode
+    step per remaining token, over a paged cache."""
+    cache, table = paged(ours, len(prompt), seed)
+    half = len(prompt) // 2
+    outs = [ours.logits(ours.forward(Batch.build([prompt[:half]], [table], [0], ours.device, block_size=BS), cache))]
+    for i in range(half, len(prompt)):
+        b = Batch.build([[prompt[i]]], [table], [i], ours.device, block_size=BS, decode=True)
+        outs.append(ours.logits(ours.forward(b, cache)))
+    return outs
+
+
 def test_decode_path_logits_match_transformers(tiny):
     """Teacher-forced through the absorbed path: prefill half, then one mla_decode step per token."""
     hf, ours, _, prompt, seed = tiny
     with torch.no_grad():
         want = hf(torch.tensor([prompt])).logits[0]
-        cache, table = paged(ours, len(prompt), seed)
-        half = len(prompt) // 2
-        outs = [ours.logits(ours.forward(Batch.build([prompt[:half]], [table], [0], ours.device, block_size=BS),
-                                         cache))]
-        for i in range(half, len(prompt)):
-            b = Batch.build([[prompt[i]]], [table], [i], ours.device, block_size=BS, decode=True)
-            outs.append(ours.logits(ours.forward(b, cache)))
+        outs = decode_path_logits(ours, prompt, seed)
     assert rel(torch.cat(outs), want) < 1e-5, f"seed {seed}"
 
 
@@ -109,13 +115,7 @@ def test_decode_path_with_widened_absorbed_weights_matches_transformers(tiny):
     assert ours.w.layers[0].attn.w_uk.dtype == torch.float64
     with torch.no_grad():
         want = hf(torch.tensor([prompt])).logits[0]
-        cache, table = paged(ours, len(prompt), seed)
-        half = len(prompt) // 2
-        outs = [ours.logits(ours.forward(Batch.build([prompt[:half]], [table], [0], ours.device, block_size=BS),
-                                         cache))]
-        for i in range(half, len(prompt)):
-            b = Batch.build([[prompt[i]]], [table], [i], ours.device, block_size=BS, decode=True)
-            outs.append(ours.logits(ours.forward(b, cache)))
+        outs = decode_path_logits(ours, prompt, seed)
     got = torch.cat(outs)
     assert got.dtype == torch.float32 and rel(got, want) < 1e-5, f"seed {seed}"
 

@@ -5,7 +5,8 @@ normalised before it is rounded lands close to golden. These checks can:
 
   rounded once   rms_norm, add_rms_norm, apply_rope and silu_and_mul compute in float32 and round ONCE to a 16-bit
                  working dtype, so almost every output element equals the float64 golden value correctly rounded
-                 to that dtype; the few others (float32 reordering near a rounding boundary) are one ulp away.
+                 to that dtype; the few others (float32 reordering near a rounding boundary) are one ulp away,
+                 past the float32 error of a cancelling difference (apply_rope: float32_slack).
   add_rms_norm   h == round(x + residual) exactly, and normed == rms_norm(h) of the h it returned (rounded once).
   moe_gate       ids int64 in [0, E), distinct within a row, from at most topk_group groups; weights finite and
                  >= 0, summing to `scale` per row when `renorm`.
@@ -32,16 +33,29 @@ def ulp(t: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.exp2(exponent - MANTISSA_BITS[dtype])
 
 
-def rounding_mismatch(got: Tensor, golden: Tensor, dtype: torch.dtype) -> tuple[float, float]:
-    """(fraction of elements that differ from golden correctly rounded to `dtype`, worst distance in ulps)."""
+def rounding_mismatch(got: Tensor, golden: Tensor, dtype: torch.dtype,
+                      slack: Tensor | float = 0.0) -> tuple[float, float]:
+    """(fraction of elements that are not golden correctly rounded to `dtype`, worst distance in ulps) once `slack`,
+    the float32 evaluation error the contract allows before the one rounding, is allowed: an element passes when it
+    is the correct rounding of some value within `slack` of golden."""
     if got.numel() == 0:
         return 0.0, 0.0
     g = golden.detach().cpu().double()
-    want = g.to(dtype).double()
     o = got.detach().cpu().double()
-    differ = o != want
-    worst = float(((o - g).abs() / ulp(g, dtype)).max())
+    # correctly rounded from some value within slack of golden: rounding is monotone, so between these two
+    differ = (o < (g - slack).to(dtype).double()) | (o > (g + slack).to(dtype).double())
+    worst = float(((o - g).abs() - slack).clamp_min(0).div(ulp(g, dtype)).max())
     return float(differ.double().mean()), worst
+
+
+def float32_slack(op: str, golden_args: tuple) -> Tensor | float:
+    """What float32 evaluation may add before the one rounding, where an operator cancels. apply_rope's
+    x1*cos - x2*sin can cancel to far below |x|: its float32 products and difference are then off by a few 2^-24 of
+    |x| (2^-21 of the row's largest |x| bounds it), which is many ulps of the tiny result (seen: 12 ulp on 1 in 10 of
+    random [16, 128, 64] cases). rms_norm, silu_and_mul and the norm of add_rms_norm are products: no slack."""
+    if op == "apply_rope":
+        return 2.0 ** -21 * golden_args[0].detach().cpu().double().abs().amax(-1, keepdim=True)
+    return 0.0
 
 
 def rounded_once(op: str, dtype: torch.dtype, outs: list[Tensor], golden: list[Tensor], golden_args: tuple,
@@ -52,6 +66,7 @@ def rounded_once(op: str, dtype: torch.dtype, outs: list[Tensor], golden: list[T
     if op not in ROUNDED_ONCE or dtype not in MANTISSA_BITS:
         return "", 0.0
     pairs = [("output", outs[0], golden[0])]
+    slack = float32_slack(op, golden_args)
     if op == "add_rms_norm":
         x, residual, weight, eps = golden_args
         h = outs[1]
@@ -66,7 +81,7 @@ def rounded_once(op: str, dtype: torch.dtype, outs: list[Tensor], golden: list[T
     if max_fraction is None:
         return "", max(rounding_mismatch(o, g, dtype)[0] for _, o, g in pairs)
     for label, o, g in pairs:
-        fraction, ulps = rounding_mismatch(o, g, dtype)
+        fraction, ulps = rounding_mismatch(o, g, dtype, slack)
         worst_fraction = max(worst_fraction, fraction)
         if fraction > max_fraction or ulps > 1.0 + 1e-9:
             return (f"{label}: {fraction:.2%} of elements are not golden rounded once to {dtype} (allowed "

@@ -215,9 +215,10 @@ def _experts(p, g):
     if remote and t:
         ids[torch.rand(t, k, generator=g, dtype=F64) < remote] = -1
         ids[0] = -1  # one token with no local expert at all: its row must be exactly 0
-        # a -1 slot's weight is ignored: a weight that would dominate the row if an expert were applied with it
-        # (finite: a combine that multiplies it by a zero contribution is allowed)
-        weights[ids < 0] = 1.0e4
+        # a -1 slot's weight is ignored (core/ops.py): NaN, inf, or a weight that would dominate the row if an
+        # expert were applied with it; a combine that multiplies it by a zero contribution is caught by the NaN
+        poison = torch.tensor([float("nan"), 1.0e4, float("inf")])
+        weights[ids < 0] = poison[torch.arange(int((ids < 0).sum())) % 3]
     if p.get("weight", "fp8") == "fp8":
         quantized = [quantize_blocks(w.float()) for w in ws]
 

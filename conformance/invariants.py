@@ -10,7 +10,7 @@ normalised before it is rounded lands close to golden. These checks can:
   add_rms_norm   h == round(x + residual) exactly, and normed == rms_norm(h) of the h it returned (rounded once).
   moe_gate       ids int64 in [0, E), distinct within a row, from at most topk_group groups; weights finite and
                  >= 0, summing to `scale` per row when `renorm`.
-  moe_experts    a -1 slot contributes nothing whatever its weight (the inputs give -1 slots a weight of 1e4), and
+  moe_experts    a -1 slot contributes nothing whatever its weight (the inputs give -1 slots NaN, inf or 1e4), and
                  a row of only -1 is exactly 0.
 Shape, dtype and device of every output, inputs untouched and determinism are checked by op_checks itself; reads
 past `lens` are caught by the NaN-poisoned cache rows and blocks (conformance/inputs.py)."""
@@ -124,7 +124,7 @@ def experts_invariants(outs: list[Tensor], args: tuple) -> str:
         rows = outs[0].cpu()[remote_rows]
         if not bool((rows == 0).all()):
             return (f"{int(remote_rows.sum())} row(s) whose ids are all -1 are not exactly 0 (a -1 slot must "
-                    f"contribute nothing; its weight is 1e4 here)")
+                    f"contribute nothing; its weight is NaN, inf or 1e4 here)")
     return ""
 
 

@@ -31,12 +31,15 @@ def expert_tensors(g, e, d, inter, dtype=torch.float32):
 
 
 def routing_with_remote(g, tokens, e, k, remote_fraction=0.4):
-    """Distinct ids per row, about `remote_fraction` of them replaced by -1; one row all -1 when tokens > 2."""
+    """Distinct ids per row, about `remote_fraction` of them replaced by -1; one row all -1 when tokens > 2. A -1
+    slot's weight is NaN, inf or 1e4: the contract ignores it, so a combine that multiplies it by zero fails."""
     ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(tokens)])
     ids[torch.rand(tokens, k, generator=g) < remote_fraction] = -1
     if tokens > 2:
         ids[1] = -1
     weights = torch.rand(tokens, k, generator=g) * 0.8 + 0.1
+    poison = torch.tensor([float("nan"), float("inf"), 1.0e4])
+    weights[ids < 0] = poison[torch.arange(int((ids < 0).sum())) % 3]
     return weights, ids
 
 
@@ -84,7 +87,7 @@ def test_w8a8_references_skip_remote_ids(g):
     keep = ids >= 0
     for fn in (cpu_ref.NUMERICS["w8a8"]["moe_experts"], moe_experts_w8a8_int8):
         # zero weight on a real expert == that slot skipped (per-token quantisation does not depend on the slot)
-        zeroed = fn(x, experts, weights * keep, ids.clamp(min=0))
+        zeroed = fn(x, experts, weights.masked_fill(~keep, 0.0), ids.clamp(min=0))
         assert torch.allclose(fn(x, experts, weights, ids), zeroed, rtol=1e-12, atol=1e-13)
 
 

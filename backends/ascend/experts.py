@@ -56,9 +56,12 @@ def route(x: Tensor, ids: Tensor, experts: int) -> tuple[Tensor, Tensor, Tensor]
     return expanded_x, row_idx, counts.to(torch.int64)
 
 
-def combine(rows: Tensor, weights: Tensor, row_idx: Tensor) -> Tensor:
-    """y[t] = sum_j weights[t, j] * rows[row_idx[t*K + j]] (finalize_routing, token-major index)."""
-    return torch_npu.npu_moe_finalize_routing(rows, skip1=None, skip2=None, bias=None, scales=weights.to(rows.dtype),
+def combine(rows: Tensor, weights: Tensor, ids: Tensor, row_idx: Tensor) -> Tensor:
+    """y[t] = sum_j weights[t, j] * rows[row_idx[t*K + j]] (finalize_routing, token-major index). A -1 slot's
+    weight is zeroed first: the contract ignores it even when NaN, and whether finalize_routing multiplies the
+    scale of a skipped row is not documented."""
+    scales = weights.masked_fill(ids < 0, 0.0).to(rows.dtype)
+    return torch_npu.npu_moe_finalize_routing(rows, skip1=None, skip2=None, bias=None, scales=scales,
                                               expanded_src_to_dst_row=row_idx, export_for_source_row=None,
                                               drop_pad_mode=2)
 
@@ -78,4 +81,4 @@ def moe_experts(x: Tensor, experts: AscendExperts, weights: Tensor, ids: Tensor)
     w2 = experts.w2 if experts.w2.dtype == x.dtype else experts.w2.to(x.dtype)
     expanded_x, row_idx, counts = route(x, ids, experts.num_experts)
     h = torch_npu.npu_swiglu(grouped(expanded_x, w13, counts), dim=-1)
-    return combine(grouped(h, w2, counts), weights, row_idx).to(x.dtype)
+    return combine(grouped(h, w2, counts), weights, ids, row_idx).to(x.dtype)

@@ -103,4 +103,4 @@ def moe_experts_w8a8(x: Tensor, experts: AscendExperts | Int8Experts, weights: T
     h = torch_npu.npu_swiglu(gate_up, dim=-1)
     h_q, h_scale = torch_npu.npu_dynamic_quant(h)
     out = grouped(h_q, experts.w2, counts, scale=[experts.w2_scale], per_token_scale=[h_scale], output_dtype=half)
-    return combine(out, weights, row_idx).to(x.dtype)
+    return combine(out, weights, ids, row_idx).to(x.dtype)

@@ -166,7 +166,7 @@ def npu_moe_finalize_routing(expanded_permuted_rows: Tensor, skip1: Tensor | Non
         require(bias.dim() == 2 and bias.shape[1] == h, op, "bias must be (E, H)")
         gathered = gathered + torch.where(live[..., None], bias.float()[export_for_source_row.long()], 0.0)
     weights = scales.float()[..., None] if scales is not None else 1.0
-    out = (gathered * weights).sum(dim=1)
+    out = torch.where(live[..., None], gathered * weights, 0.0).sum(dim=1)  # -1: nothing, whatever its scale
     if skip1 is not None:
         out = out + skip1.float() + (skip2.float() if skip2 is not None else 0)
     return out.to(rows.dtype)

@@ -55,5 +55,5 @@ def moe_experts(x: Tensor, experts: CpuExperts, weights: Tensor, ids: Tensor) ->
             start += n
     out = torch.zeros(tokens * top_k, dim, dtype=ct)
     out[mine] = y if y.dtype == ct else y.to(ct)
-    mix = weights.to(ct).reshape(tokens, 1, top_k)
+    mix = weights.to(ct).masked_fill(ids < 0, 0.0).reshape(tokens, 1, top_k)  # a -1 slot's weight: ignored, even NaN
     return torch.bmm(mix, out.view(tokens, top_k, dim)).view(tokens, dim).to(x.dtype)

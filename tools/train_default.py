@@ -323,6 +323,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--limit-docs", type=int, help="train on the first N topics only (smoke tests)")
     p.add_argument("--save-state", type=Path, help="also save the exported float32 state here (torch.save)")
     p.add_argument("--from-state", type=Path, help="skip training: export this --save-state file")
+    p.add_argument("--stop-after", type=int, help="a reproducibility check: run the --steps schedule only this far "
+                   "and write only tokenizer.json and training.json (its history must equal the full run's)")
     return p.parse_args(argv)
 
 
@@ -360,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     if saved is not None:
         best = (saved["meta"]["heldout_bpb_float32"], saved["meta"]["best_step"], saved["state"])
         args.steps = 0
-    for step in range(1, args.steps + 1):
+    last = min(args.steps, args.stop_after) if args.stop_after is not None else args.steps
+    for step in range(1, last + 1):
         lr = args.lr * min(1.0, step / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
         for group in opt.param_groups:
             group["lr"] = lr
@@ -388,6 +391,13 @@ def main(argv: list[str] | None = None) -> int:
                 snapshot = {**model.state_dict(), **{"mtp." + k: v for k, v in mtp.state_dict().items()}}
                 best = (bpb, step, {k: v.clone() for k, v in snapshot.items()})
     elapsed = time.time() - start
+    if last < args.steps:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "tokenizer.json").write_text(tok.to_str(), encoding="utf-8")
+        (args.out / "training.json").write_text(json.dumps({"steps": args.steps, "stopped_after": last,
+                                                            "history": history}, indent=2) + "\n")
+        print(f"stopped after step {last} of {args.steps}; wrote {args.out}", flush=True)
+        return 0
     state = best[2]
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith("mtp.")})
     mtp.load_state_dict({k[4:]: v for k, v in state.items() if k.startswith("mtp.")})

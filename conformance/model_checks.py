@@ -145,12 +145,29 @@ class ModelLevel:
             return f"batched greedy agreement {fraction:.3f} < {self.limits['greedy']}; {first}", stats
         return "", stats
 
+    def verify_error(self, model: Model) -> float:
+        """Relative error of a verify step's logits (two tokens per sequence in one decode pass, mla_decode with
+        S = 2) against two plain decode steps' (S = 1) on the same tokens, every prompt in one batch. Tokens only
+        change where a logit margin is small, so this is what catches a verify step that is wrong by a little (a
+        missing causal mask between the two new tokens moved no greedy token in one try)."""
+        g = torch.Generator().manual_seed(self.suite.seed ^ zlib.crc32(b"verify"))
+        pairs = [torch.randint(3, 259, (2,), generator=g).tolist() for _ in self.prompts]
+        gen = Generator(model)
+        verify = gen.decode_logits(self.prompts, [pairs])[0]
+        plain = torch.cat(gen.decode_logits(self.prompts, [[p[:1] for p in pairs], [p[1:] for p in pairs]]), dim=1)
+        return errors(verify.cpu(), plain.cpu()).rel
+
     def mtp_problem(self, ops: Dispatch) -> tuple[str, dict]:
         """Greedy decoding with MTP drafts must emit plain greedy decoding's tokens (the default's MTP module is
         predictive, so drafts are both accepted and rejected). The verify step runs two tokens per sequence where plain
         decoding runs one, so a kernel that is not batch-invariant may round differently: a divergence is accepted
-        only at a near-tie of the backend's own logits (a margin below `near_tie`)."""
+        only at a near-tie of the backend's own logits (a margin below `near_tie`). First the verify step's logits
+        must equal two plain steps' within the logits tolerance (verify_error)."""
         model = _model(ops, self.suite.device, self.dtype)
+        verify_rel = self.verify_error(model)
+        if not verify_rel <= self.limits["rel"]:
+            return (f"a verify step's logits (two tokens per sequence, mla_decode S = 2) differ from two plain decode "
+                    f"steps' by {verify_rel:.3g} relative > {self.limits['rel']}"), {"verify_rel": verify_rel}
         proposed = accepted = ties = 0
         if self.suite.case_set == "quick":  # one batched plain run, one batched MTP run (the interpreter is slow)
             plains = Generator(model).generate(self.prompts, MTP_NEW_TOKENS, stop_at_eos=False).output_ids
@@ -178,7 +195,7 @@ class ModelLevel:
                 return (f"MTP output differs from plain greedy at token {i} (prompt of {len(prompt)}), where the "
                         f"backend's top-2 margin is {margin:.3g} >= {self.near_tie}: {got} vs {plain}"), {}
             ties += 1
-        stats = {"proposed": proposed, "accepted": accepted, "diverged_at_near_ties": ties}
+        stats = {"verify_rel": verify_rel, "proposed": proposed, "accepted": accepted, "diverged_at_near_ties": ties}
         if not 0 < accepted < proposed:
             return f"the check needs both accepted and rejected drafts, got {accepted} of {proposed}", stats
         return "", stats

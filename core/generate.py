@@ -224,6 +224,24 @@ class Generator:
         self.check([prompt], 0)
         return self.model.logits(self.prefill([prompt], self.new_paging([prompt]))[0]).float()
 
+    @torch.no_grad()
+    def decode_logits(self, prompts: list[list[int]], steps: list[list[list[int]]]) -> list[Tensor]:
+        """Prefill `prompts`, then run decode steps: steps[k][b] are the tokens sequence b appends in step k, all of
+        them in one forward pass (two per sequence is MTP's verify step). Returns per step [B, S_k, vocab] float32
+        logits, S_k tokens per sequence (the same for every sequence in a step)."""
+        lengths = [len(p) + sum(len(step[b]) for step in steps) for b, p in enumerate(prompts)]
+        self.check([[0] * n for n in lengths], 0)
+        paging = self.new_paging(prompts, max(n - len(p) for n, p in zip(lengths, prompts)))
+        self.prefill(prompts, paging)
+        starts, out = [len(p) for p in prompts], []
+        seqs = list(range(len(prompts)))
+        for step in steps:
+            batch = self._batch(paging, seqs, step, starts, decode=True)
+            h = self.model.forward(batch, paging.caches[0])
+            out.append(self.model.logits(h).float().view(len(prompts), len(step[0]), -1))
+            starts = [s + len(t) for s, t in zip(starts, step)]
+        return out
+
     # -- generation ------------------------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -143,6 +143,24 @@ def test_model_level_bisection_names_the_operator(bug):
     assert result.culprits == [PLANTED[bug][0]], result.detail
 
 
+def test_model_level_mtp_check_is_bisected_to_the_operator():
+    """A verify step without its causal mask (mla_decode wrong only at S = 2) fails the model level's MTP check in
+    float32 -- its verify logits differ from two plain steps' -- and the bisection names mla_decode; cpu_ref passes
+    the same check on the same seed."""
+    seed = fresh_seed()
+    backend, avail = buggy_backend("decode_verify_without_causal_mask")
+    level = model_checks.ModelLevel(Suite(backend, avail, RunMode(), "quick", seed), torch.float32)
+    with torch.no_grad():
+        result = level.check("mtp", level.mtp_problem, bisect=True)
+    assert result.verdict == FAIL and "verify step" in result.detail, result.detail
+    assert result.culprits == ["mla_decode"], result.detail
+    ref = registry.load(registry.REFERENCE)
+    level = model_checks.ModelLevel(Suite(ref, ref.probe(None), RunMode(), "quick", seed), torch.float32)
+    with torch.no_grad():
+        result = level.check("mtp", level.mtp_problem, bisect=False)
+    assert result.verdict == PASS, result.detail
+
+
 def test_scaffolded_backend_is_discovered_passes_and_names_a_broken_operator(tmp_path):
     env = {registry.PATH_ENV: str(tmp_path)}
     made = run_cli("conformance", "new-backend", "acme", "--dir", str(tmp_path), env=env)

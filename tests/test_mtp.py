@@ -119,3 +119,21 @@ def test_cli_mtp_json_reports_drafts(dtype):
         assert a["output_ids"][:4] == b["output_ids"][:4]
     assert b["mtp"]["proposed"] >= 1 and 0 <= b["mtp"]["accepted"] <= b["mtp"]["proposed"]
     assert "mtp" not in a
+
+
+def test_decode_logits_match_teacher_forcing_for_plain_and_verify_steps(mtp_model):
+    """Generator.decode_logits (what the conformance MTP check compares): decode steps of one token and a verify
+    step of two tokens per sequence give the logits that teacher forcing (the prefill path) gives at those
+    positions, float32, sequences of different lengths in one batch."""
+    model, seed = mtp_model
+    g = torch.Generator().manual_seed(seed + 1)
+    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (9, 4)]
+    new = [torch.randint(3, 128, (2,), generator=g).tolist() for _ in prompts]
+    gen = Generator(model)
+    plain = gen.decode_logits(prompts, [[t[:1] for t in new], [t[1:] for t in new]])
+    verify = gen.decode_logits(prompts, [new])[0]
+    assert [tuple(x.shape) for x in plain] == [(2, 1, 128)] * 2 and tuple(verify.shape) == (2, 2, 128)
+    for b, (p, t) in enumerate(zip(prompts, new)):
+        want = gen.teacher_forced_logits(p + t)[-2:]
+        for got in (torch.cat([plain[0][b], plain[1][b]]), verify[b]):
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), float((got - want).abs().max())

@@ -1,7 +1,7 @@
 """Memory plan from config.json alone: parameters, bytes per device for a given number of ranks, and latent-cache
 bytes per token. Reads no weights, so it answers "how many GPUs does this checkpoint need" before a download ends.
 
-    python -m core.plan [--model DIR] [--world-size 1,8,16] [--weights fp8|bf16] [--cache-dtype bfloat16]
+    python -m core.plan [--model DIR] [--world-size 1,8,16] [--weights fp8|bf16|float32] [--cache-dtype bfloat16]
                         [--device-memory GiB]
 
 The layout is ARCHITECTURE.md's ("Parallelism"): with N ranks, attention heads (`q_b_proj`/`q_proj`, `kv_b_proj`,
@@ -9,9 +9,11 @@ The layout is ARCHITECTURE.md's ("Parallelism"): with N ranks, attention heads (
 ranks holding one fewer when N does not divide E); embedding and LM head are split by vocabulary; `q_a_proj`,
 `kv_a_proj_with_mqa`, norms, the router and its bias are replicated, and so is the latent cache. The decode path
 also keeps kv_b absorbed as `w_uk`/`w_uv` in the working dtype (split by head; a backend's optional prepare_mla may
-widen them, e.g. cpu to float32 where bfloat16 is emulated, which this plan does not count). FP8 checkpoints keep FP8
-codes plus one float32 scale per 128x128 block for every projection (`--weights fp8`, what cuda, rocm and cpu_ref hold);
-`--weights bf16` is what a backend that dequantises at load holds (ascend).
+widen them). FP8 checkpoints keep FP8 codes plus one float32 scale per 128x128 block for every projection
+(`--weights fp8`, what cuda, rocm and cpu_ref hold); `--weights bf16` is what a backend that dequantises at load holds
+(ascend; cpu with a bf16 checkpoint where bfloat16 is native); `--weights float32` is what cpu holds for an FP8
+checkpoint (dequantised once to float32, cpu_ref's numbers bit for bit) and for a bf16 one where bfloat16 is emulated
+(AVX2 without avx512_bf16 or AMX): every weight, and w_uk/w_uv, in float32.
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ class Plan:
         """Largest per-rank weight bytes over the ranks (rank 0 holds the most experts when N does not divide E)."""
         total = 0
         for p in self.parts:
-            if p.name == ABSORBED:
+            if weights == "float32":
+                per_elem = 4
+            elif p.name == ABSORBED:
                 per_elem = work_bytes
             elif p.quantized and weights == "fp8":
                 per_elem = 1
@@ -162,7 +166,8 @@ def format_plan(p: Plan, worlds: list[int], weights: str, cache_dtype: str, devi
              + f" ({c.num_hidden_layers} layers, {c.n_routed_experts} routed experts, vocab {c.vocab_size})",
              f"latent cache: {per_token} bytes per token ({c.num_hidden_layers}{' + MTP' if mtp else ''} layers x "
              f"{c.latent_width} x {cache_bytes} B, {cache_dtype}), replicated on every rank",
-             f"weights held as {weights}" + (" (FP8 codes + float32 128x128 block scales)" if weights == "fp8" else ""),
+             f"weights held as {weights}" + (" (FP8 codes + float32 128x128 block scales)" if weights == "fp8" else "")
+             + (" (absorbed w_uk/w_uv too)" if weights == "float32" else ""),
              ""]
     head = f"{'ranks':>5}  {'weights/rank':>13}  {'experts/rank':>12}"
     if device_gib:
@@ -189,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = OneLineParser(prog="python -m core.plan", description="Memory per rank from config.json alone.")
     ap.add_argument("--model", type=Path, help="checkpoint directory (only config.json is read); default: embedded")
     ap.add_argument("--world-size", default="1,2,4,8,16", help="comma-separated rank counts (default 1,2,4,8,16)")
-    ap.add_argument("--weights", choices=("fp8", "bf16"), help="how weights are held (default: as the checkpoint)")
+    ap.add_argument("--weights", choices=("fp8", "bf16", "float32"),
+                    help="how weights are held (default: as the checkpoint; float32: the cpu backend, see above)")
     ap.add_argument("--cache-dtype", default="bfloat16", choices=sorted(CACHE_DTYPE_BYTES))
     ap.add_argument("--device-memory", type=float, help="GiB per device: also print how many cache tokens fit")
     args = ap.parse_args(argv)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from core.config import ModelConfig
-from core.plan import plan
+from core.plan import ABSORBED, plan
 
 # DeepSeek-V3's published config.json, field for field.
 DEEPSEEK_V3 = {
@@ -80,6 +80,9 @@ def test_deepseek_v3_split_over_ranks():
     # Experts and heads split; the replicated part (latent projections, norms, routers) stays on every rank.
     assert one / 8 < eight < one / 8 * 1.03 and one / 16 < sixteen < one / 16 * 1.06
     assert p.bytes_per_rank(8, "bf16") > 1.9 * eight
+    # the cpu backend without native bfloat16: every parameter and the absorbed kv_b halves in float32
+    absorbed = next(x.params for x in p.parts if x.name == ABSORBED)
+    assert p.bytes_per_rank(1, "float32") == 4 * (p.total_params + absorbed)
     assert p.cache_bytes_per_token(2) == 62 * 576 * 2
 
 

@@ -229,9 +229,9 @@ class Generator:
         """Prefill `prompts`, then run decode steps: steps[k][b] are the tokens sequence b appends in step k, all of
         them in one forward pass (two per sequence is MTP's verify step). Returns per step [B, S_k, vocab] float32
         logits, S_k tokens per sequence (the same for every sequence in a step)."""
-        lengths = [len(p) + sum(len(step[b]) for step in steps) for b, p in enumerate(prompts)]
-        self.check([[0] * n for n in lengths], 0)
-        paging = self.new_paging(prompts, max(n - len(p) for n, p in zip(lengths, prompts)))
+        whole = [p + [t for step in steps for t in step[b]] for b, p in enumerate(prompts)]
+        self.check(whole, 0)
+        paging = self.new_paging(prompts, max(len(w) - len(p) for w, p in zip(whole, prompts)))
         self.prefill(prompts, paging)
         starts, out = [len(p) for p in prompts], []
         seqs = list(range(len(prompts)))

@@ -27,8 +27,8 @@ from torch import Tensor
 from core.batch import Batch, PagedCache
 from core.engine.blocks import BlockPool, blocks_in_budget
 from core.engine.request import FinishReason, Request
-from core.engine.sampling import (RequestSampler, SamplingParams, TokenLogprobs, accept, invalid_rows, process,
-                                  sample, token_logprobs)
+from core.engine.sampling import (RequestSampler, SamplingParams, TokenLogprobs, accept, greedy_tokens, invalid_rows,
+                                  process, sample, token_logprobs)
 from core.engine.scheduler import ScheduledSeq, Scheduler, StepPlan, StepResult
 from core.engine.stop import stop_conditions
 from core.engine.text_stream import TextStream
@@ -288,7 +288,9 @@ class Engine:
         if plain:
             samplers = [seqs[i].request.sampler_state.sampler for i in plain]
             lg = logits[[first_row[i] for i in plain]]
-            tokens = sample(process(lg, samplers), samplers).tolist()
+            tokens = greedy_tokens(lg, samplers)
+            if tokens is None:
+                tokens = sample(process(lg, samplers), samplers).tolist()
             for i, tok, row in zip(plain, tokens, lg):
                 emitted[seqs[i].request_id] = [tok]
                 raw[seqs[i].request_id] = [row]
@@ -298,16 +300,23 @@ class Engine:
             drafts = [seqs[i].token_ids[1] for i in verify]
             l0 = logits[[first_row[i] for i in verify]]
             l1 = logits[[first_row[i] + 1 for i in verify]]
-            p0 = process(l0, samplers)
-            q = torch.stack([st.draft_logprobs if st.draft_logprobs is not None else p0[j]
-                             for j, st in enumerate(states)])
-            ok, first = accept(p0, q, drafts, samplers)
-            ok_rows = [j for j, a in enumerate(ok.tolist()) if a]
+            best = greedy_tokens(l0, samplers)  # every row greedy, nothing to process: the argmax decides
             bonus: dict[int, int] = {}
-            if ok_rows:
-                sub = [samplers[j] for j in ok_rows]
-                p1 = process(l1[ok_rows], sub, [[drafts[j]] for j in ok_rows])
-                bonus = dict(zip(ok_rows, sample(p1, sub).tolist()))
+            if best is not None:
+                first = best
+                ok_rows = [j for j, (d, b) in enumerate(zip(drafts, best)) if d == b]
+                if ok_rows:
+                    bonus = dict(zip(ok_rows, l1[ok_rows].argmax(dim=-1).tolist()))  # min_tokens: one more is out
+            else:
+                p0 = process(l0, samplers)
+                q = torch.stack([st.draft_logprobs if st.draft_logprobs is not None else p0[j]
+                                 for j, st in enumerate(states)])
+                ok, first = accept(p0, q, drafts, samplers)
+                ok_rows = [j for j, a in enumerate(ok.tolist()) if a]
+                if ok_rows:
+                    sub = [samplers[j] for j in ok_rows]
+                    p1 = process(l1[ok_rows], sub, [[drafts[j]] for j in ok_rows])
+                    bonus = dict(zip(ok_rows, sample(p1, sub).tolist()))
             for j, i in enumerate(verify):
                 rid = seqs[i].request_id
                 self.stats.drafts_proposed += 1
@@ -373,8 +382,12 @@ class Engine:
         ids = list(draft_rows)
         states = [self.scheduler.get(rid).sampler_state for rid in ids]
         samplers = [st.sampler for st in states]
-        q = process(model.logits(torch.stack([draft_rows[r] for r in ids])).float(), samplers)
-        tokens = sample(q, samplers).tolist()
+        logits = model.logits(torch.stack([draft_rows[r] for r in ids])).float()
+        tokens = greedy_tokens(logits, samplers)  # greedy acceptance needs no draft distribution q
+        q: Tensor | list[None] = [None] * len(ids)
+        if tokens is None:
+            q = process(logits, samplers)
+            tokens = sample(q, samplers).tolist()
         if self.share_samples is not None:
             tokens = self.share_samples(tokens)
         for st, qi in zip(states, q):

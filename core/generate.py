@@ -7,6 +7,9 @@ j = 1..m (entry j built from Embed[t_j] and the main hidden state h_{j-1}); `dra
 for t_{m+1}. The main model verifies [t_m, draft] in one S = 2 decode step:
   accepted  -> emit draft and the bonus token the main model predicts after it; MTP adds entries m+1 and m+2;
   rejected  -> emit the main model's own token; the main cache forgets position m+1; MTP adds entry m+1.
+The MTP module runs once per step over the verify pass's positions (Batch.with_tokens): when some drafts were
+accepted, a rejected sequence also writes a placeholder entry at m+1, which the next step overwrites before any
+query reads it (as it does the main cache's entry for the rejected draft).
 Greedy acceptance (temperature 0) emits exactly the tokens plain greedy decoding emits. With temperature > 0 the
 draft is accepted with probability min(1, p/q) and a rejected one is resampled from normalize(max(p - q, 0)), which
 keeps the main model's distribution.

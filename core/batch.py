@@ -7,7 +7,7 @@ the business of `core.engine.blocks.BlockPool`; this module only lays the tensor
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -101,6 +101,27 @@ class Batch:
     def decode(self) -> bool:
         """A pure-decode batch (every sequence on the absorbed path)."""
         return self.num_decode == self.num_seqs
+
+    def with_tokens(self, tokens: Tensor, keep: int | None = None, position_offset: int = 0) -> "Batch":
+        """This batch with other token ids, for a second model over the same cache positions (the MTP layer, whose
+        cache shares the block tables): the same sequences at the same starts, rope positions shifted by
+        `position_offset`. keep: for a pure-decode batch, keep only the first `keep` of each sequence's S new
+        positions (default: every position of every sequence, decode or prefill).
+
+        tokens: [T'] int64 on the batch's device, sequence by sequence (T' = T, or B * keep). Builds nothing on
+        the host: the block table, slots and key slots are this batch's own tensors (views of them when keep < S)."""
+        s = self.new_per_seq
+        if keep is None or (keep == s and self.decode):
+            if tokens.shape != self.tokens.shape:
+                raise ValueError(f"Batch.with_tokens: the batch has {self.tokens.shape[0]} tokens, got shape "
+                                 f"{tuple(tokens.shape)}")
+            return replace(self, tokens=tokens, positions=self.positions + position_offset)
+        if not self.decode or not 1 <= keep < s or tokens.shape != (self.num_seqs * keep,):
+            raise ValueError(f"Batch.with_tokens: keeping {keep} of S={s} positions needs a pure-decode batch and "
+                             f"{self.num_seqs * keep} tokens, got shape {tuple(tokens.shape)}")
+        return replace(self, tokens=tokens, slot_mapping=self.slot_mapping.view(-1, s)[:, :keep].reshape(-1),
+                       positions=self.positions.view(-1, s)[:, :keep].reshape(-1) + position_offset,
+                       lens=self.lens - (s - keep), new_per_seq=keep)
 
     @staticmethod
     def build(tokens: list[list[int]], block_tables: list[list[int]], starts: list[int], device: torch.device, *,

@@ -7,6 +7,9 @@ j = 1..m (entry j built from Embed[t_j] and the main hidden state h_{j-1}); `dra
 for t_{m+1}. The main model verifies [t_m, draft] in one S = 2 decode step:
   accepted  -> emit draft and the bonus token the main model predicts after it; MTP adds entries m+1 and m+2;
   rejected  -> emit the main model's own token; the main cache forgets position m+1; MTP adds entry m+1.
+The MTP module runs once per step over the verify pass's positions (Batch.with_tokens): when some drafts were
+accepted, a rejected sequence also writes a placeholder entry at m+1, which the next step overwrites before any
+query reads it (as it does the main cache's entry for the rejected draft).
 Greedy acceptance (temperature 0) emits exactly the tokens plain greedy decoding emits. With temperature > 0 the
 draft is accepted with probability min(1, p/q) and a rejected one is resampled from normalize(max(p - q, 0)), which
 keeps the main model's distribution.
@@ -323,16 +326,23 @@ class Generator:
 
     def _speculative_step(self, seqs: list[_Seq], active: list[int], paging: Paging, mtp_cache: PagedCache,
                           result: GenerationResult) -> None:
+        """Verify every active sequence's [pending, draft] in one S = 2 pass, then draft the next tokens in ONE
+        MTP pass over the same positions (reusing the verify batch's layout): S = 2 with tokens [draft, bonus]
+        (accepted) or [correction, placeholder] (rejected; the placeholder's entry at position m+1 is overwritten
+        by the next step before anything reads it, as the main cache's is), or S = 1 when every draft was rejected.
+        A sequence's next draft comes from its last real entry (row 1 accepted, row 0 rejected)."""
         model = self.model
+        n = len(active)
         starts = [seqs[b].length for b in active]
         batch = self._batch(paging, active, [[seqs[b].pending, seqs[b].draft] for b in active], starts, decode=True)
-        h = model.forward(batch, paging.caches[0]).view(len(active), 2, -1)
-        logits = model.logits(h.reshape(-1, h.shape[-1])).view(len(active), 2, -1)
+        h = model.forward(batch, paging.caches[0])  # [2n, D]
+        logits = model.logits(h).view(n, 2, -1)
         if self.sampler.greedy:
             verdicts = logits.argmax(dim=-1).tolist()  # [[a, bonus], ...]
         else:
             p = self.sampler.probs(logits)
-        accepted, rejected = [], []  # (sequence index, row in this step)
+        mtp_tokens: list[list[int]] = []  # per row: the tokens of MTP entries m+1 and m+2 (or a placeholder)
+        last: list[int] = []  # per row: 1 if the draft was accepted (next draft from entry m+2), else 0
         for i, b in enumerate(active):
             s = seqs[b]
             if self.sampler.greedy:
@@ -346,19 +356,21 @@ class Generator:
                 self._emit(s, s.draft)
                 self._emit(s, bonus)
                 s.length, s.pending = s.length + 2, bonus
-                accepted.append((b, i, [s.draft, bonus]))
+                mtp_tokens.append([s.draft, bonus])
+                last.append(1)
             else:
                 self._emit(s, token)
                 s.length, s.pending = s.length + 1, token
-                rejected.append((b, i, [token]))
+                mtp_tokens.append([token, s.draft])
+                last.append(0)
         result.verify_steps += 1
-        for group, rows in ((accepted, slice(0, 2)), (rejected, slice(0, 1))):
-            group = [g for g in group if not seqs[g[0]].done]
-            if not group:
-                continue
-            toks = [g[2] for g in group]
-            prev = torch.cat([h[i, rows] for _, i, _ in group])
-            mtp_starts = [seqs[b].length - len(t) for (b, _, t) in group]
-            mb = self._batch(paging, [b for b, _, _ in group], toks, mtp_starts, decode=True, position_offset=1)
-            g = model.mtp_forward(mb, prev, mtp_cache).view(len(group), len(toks[0]), -1)[:, -1]
-            self._set_drafts(seqs, [b for b, _, _ in group], model.logits(g))
+        drafting = [i for i, b in enumerate(active) if not seqs[active[i]].done]
+        if not drafting:
+            return
+        keep = 2 if any(last[i] for i in drafting) else 1
+        toks = torch.tensor([t for row in mtp_tokens for t in row[:keep]], dtype=torch.int64, device=model.device)
+        prev = h if keep == 2 else h.view(n, 2, -1)[:, 0].contiguous()
+        g = model.mtp_forward(batch.with_tokens(toks, keep, position_offset=1), prev, mtp_cache).view(n, keep, -1)
+        pick = [last[i] if keep == 2 else 0 for i in drafting]
+        rows = g[torch.tensor(drafting, device=g.device), torch.tensor(pick, device=g.device)]
+        self._set_drafts(seqs, [active[i] for i in drafting], model.logits(rows))

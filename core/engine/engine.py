@@ -27,8 +27,8 @@ from torch import Tensor
 from core.batch import Batch, PagedCache
 from core.engine.blocks import BlockPool, blocks_in_budget
 from core.engine.request import FinishReason, Request
-from core.engine.sampling import (RequestSampler, SamplingParams, TokenLogprobs, accept, invalid_rows, process,
-                                  sample, token_logprobs)
+from core.engine.sampling import (RequestSampler, SamplingParams, TokenLogprobs, accept, greedy_tokens, invalid_rows,
+                                  process, sample, token_logprobs)
 from core.engine.scheduler import ScheduledSeq, Scheduler, StepPlan, StepResult
 from core.engine.stop import stop_conditions
 from core.engine.text_stream import TextStream
@@ -230,11 +230,11 @@ class Engine:
             self.scheduler.update(plan, {})
             return []
         self.stats.steps += 1
-        hidden = self._forward(plan)
+        batch, hidden = self._forward(plan)
         emitted, raw_rows, failed = self._sample(plan, hidden)
         for rid in failed:  # ended now; update() skips them
             self.scheduler.finish(rid, FinishReason.ABORT)
-        drafts = self._draft(plan, hidden, emitted) if self.mtp_cache is not None else {}
+        drafts = self._draft(plan, batch, hidden, emitted) if self.mtp_cache is not None else {}
         results = {rid: StepResult(toks, drafts.get(rid, [])) for rid, toks in emitted.items()}
         updates = self.scheduler.update(plan, results)
         outputs = [self._failure(rid, message) for rid, message in failed.items()]
@@ -248,10 +248,11 @@ class Engine:
         return Batch.build(tokens, [s.block_table for s in seqs], [s.start for s in seqs], self.model.device,
                            block_size=self.block_size, num_decode=num_decode, position_offset=offset)
 
-    def _forward(self, plan: StepPlan) -> Tensor:
+    def _forward(self, plan: StepPlan) -> tuple[Batch, Tensor]:
+        """The step's batch and its final hidden states [T, D]."""
         seqs = plan.seqs
         batch = self._batch(seqs, [s.token_ids for s in seqs], len(plan.decodes))
-        return self.model.forward(batch, self.cache)
+        return batch, self.model.forward(batch, self.cache)
 
     def _sample(self, plan: StepPlan, hidden: Tensor
                 ) -> tuple[dict[str, list[int]], dict[str, list], dict[str, str]]:
@@ -287,7 +288,9 @@ class Engine:
         if plain:
             samplers = [seqs[i].request.sampler_state.sampler for i in plain]
             lg = logits[[first_row[i] for i in plain]]
-            tokens = sample(process(lg, samplers), samplers).tolist()
+            tokens = greedy_tokens(lg, samplers)
+            if tokens is None:
+                tokens = sample(process(lg, samplers), samplers).tolist()
             for i, tok, row in zip(plain, tokens, lg):
                 emitted[seqs[i].request_id] = [tok]
                 raw[seqs[i].request_id] = [row]
@@ -297,16 +300,23 @@ class Engine:
             drafts = [seqs[i].token_ids[1] for i in verify]
             l0 = logits[[first_row[i] for i in verify]]
             l1 = logits[[first_row[i] + 1 for i in verify]]
-            p0 = process(l0, samplers)
-            q = torch.stack([st.draft_logprobs if st.draft_logprobs is not None else p0[j]
-                             for j, st in enumerate(states)])
-            ok, first = accept(p0, q, drafts, samplers)
-            ok_rows = [j for j, a in enumerate(ok.tolist()) if a]
+            best = greedy_tokens(l0, samplers)  # every row greedy, nothing to process: the argmax decides
             bonus: dict[int, int] = {}
-            if ok_rows:
-                sub = [samplers[j] for j in ok_rows]
-                p1 = process(l1[ok_rows], sub, [[drafts[j]] for j in ok_rows])
-                bonus = dict(zip(ok_rows, sample(p1, sub).tolist()))
+            if best is not None:
+                first = best
+                ok_rows = [j for j, (d, b) in enumerate(zip(drafts, best)) if d == b]
+                if ok_rows:
+                    bonus = dict(zip(ok_rows, l1[ok_rows].argmax(dim=-1).tolist()))  # min_tokens: one more is out
+            else:
+                p0 = process(l0, samplers)
+                q = torch.stack([st.draft_logprobs if st.draft_logprobs is not None else p0[j]
+                                 for j, st in enumerate(states)])
+                ok, first = accept(p0, q, drafts, samplers)
+                ok_rows = [j for j, a in enumerate(ok.tolist()) if a]
+                if ok_rows:
+                    sub = [samplers[j] for j in ok_rows]
+                    p1 = process(l1[ok_rows], sub, [[drafts[j]] for j in ok_rows])
+                    bonus = dict(zip(ok_rows, sample(p1, sub).tolist()))
             for j, i in enumerate(verify):
                 rid = seqs[i].request_id
                 self.stats.drafts_proposed += 1
@@ -322,11 +332,18 @@ class Engine:
                 s.request.sampler_state.sampler.append(tok)
         return emitted, raw, failed
 
-    def _draft(self, plan: StepPlan, hidden: Tensor, emitted: dict[str, list[int]]) -> dict[str, list[int]]:
-        """Run the MTP module over this step's positions; returns the next draft of every sequence that sampled."""
+    def _draft(self, plan: StepPlan, batch: Batch, hidden: Tensor, emitted: dict[str, list[int]]
+               ) -> dict[str, list[int]]:
+        """Run the MTP module over this step's positions; returns the next draft of every sequence that sampled.
+
+        One MTP pass in the usual case: a verified decode adds MTP entries for [draft, bonus] (accepted) or
+        [correction] (rejected); when a step has both, a rejected one also gets a placeholder second entry at its
+        verified position m+1 (token: the rejected draft, hidden: its verify row), so every decode adds two and all
+        share one pass. Like the main cache's entry for the rejected draft, the placeholder is overwritten by the
+        next step before anything reads it; the next draft comes from the last real entry. When the pass covers the
+        step's sequences exactly as the forward did, it reuses that batch's layout and hidden rows."""
         model, offset = self.model, 0
-        groups: dict[int, list] = {1: [], 2: []}  # decodes by how many MTP entries they add
-        prefills = []
+        decodes, prefills = [], []  # (seq, MTP tokens, hidden rows, index of the entry that drafts)
         for s in plan.seqs:
             rows = list(range(offset, offset + s.length))
             offset += s.length
@@ -334,34 +351,43 @@ class Engine:
                 continue
             if s.decode:
                 toks = emitted[s.request_id]  # [draft, bonus] (accepted) or [correction]
-                groups[len(toks)].append((s, toks, rows[:len(toks)]))
+                decodes.append((s, toks, rows, len(toks) - 1))
             else:
                 last = emitted[s.request_id][:1] if s.samples else s.request.token_slice(s.end, s.end + 1)
-                prefills.append((s, s.request.token_slice(s.start + 1, s.end) + last, rows))
-        passes = []
-        big, small = sorted((2, 1), key=lambda n: -len(groups[n]))
-        for decode_group, with_prefills in ((groups[big], True), (groups[small], False)):
-            entries = decode_group + (prefills if with_prefills else [])
-            if entries:
-                passes.append((entries, len(decode_group)))
+                prefills.append((s, s.request.token_slice(s.start + 1, s.end) + last, rows, s.length - 1))
+        width = max((len(e[1]) for e in decodes), default=0)
+        decodes = [(s, toks + list(s.token_ids[len(toks):width]), rows[:width], at)  # placeholders (see above)
+                   for s, toks, rows, at in decodes]
+        entries = decodes + prefills
         draft_rows: dict[str, Tensor] = {}
-        for entries, num_decode in passes:
-            seqs = [e[0] for e in entries]
-            batch = self._batch(seqs, [e[1] for e in entries], num_decode, offset=1)
-            prev = hidden[torch.tensor([r for e in entries for r in e[2]], device=hidden.device)]
-            g = model.mtp_forward(batch, prev, self.mtp_cache)
-            end = 0
-            for s, toks, _ in entries:
-                end += len(toks)
+        if entries:
+            tokens = [t for e in entries for t in e[1]]
+            token_ids = torch.tensor(tokens, dtype=torch.int64, device=batch.tokens.device)
+            if len(entries) == len(plan.seqs) and len(tokens) == batch.tokens.shape[0]:  # the forward's layout
+                mb, prev = batch.with_tokens(token_ids, position_offset=1), hidden
+            elif len(entries) == len(plan.seqs) and batch.decode and 0 < width < batch.new_per_seq:  # all rejected
+                mb = batch.with_tokens(token_ids, keep=width, position_offset=1)
+                prev = hidden.view(batch.num_seqs, batch.new_per_seq, -1)[:, :width].reshape(-1, hidden.shape[-1])
+            else:
+                mb = self._batch([e[0] for e in entries], [e[1] for e in entries], len(decodes), offset=1)
+                prev = hidden[torch.tensor([r for e in entries for r in e[2]], device=hidden.device)]
+            g = model.mtp_forward(mb, prev, self.mtp_cache)
+            start = 0
+            for s, toks, _, at in entries:
                 if s.samples:
-                    draft_rows[s.request_id] = g[end - 1]
+                    draft_rows[s.request_id] = g[start + at]
+                start += len(toks)
         if not draft_rows:
             return {}
         ids = list(draft_rows)
         states = [self.scheduler.get(rid).sampler_state for rid in ids]
         samplers = [st.sampler for st in states]
-        q = process(model.logits(torch.stack([draft_rows[r] for r in ids])).float(), samplers)
-        tokens = sample(q, samplers).tolist()
+        logits = model.logits(torch.stack([draft_rows[r] for r in ids])).float()
+        tokens = greedy_tokens(logits, samplers)  # greedy acceptance needs no draft distribution q
+        q: Tensor | list[None] = [None] * len(ids)
+        if tokens is None:
+            q = process(logits, samplers)
+            tokens = sample(q, samplers).tolist()
         if self.share_samples is not None:
             tokens = self.share_samples(tokens)
         for st, qi in zip(states, q):

@@ -292,6 +292,23 @@ def process(logits: Tensor, rows: Sequence[RequestSampler], extra: Sequence[Sequ
     return _process(logits, [s.params for s in rows], num_out, pen, mask, counts)
 
 
+def greedy_tokens(logits: Tensor, rows: Sequence[RequestSampler],
+                  extra: Sequence[Sequence[int]] | None = None) -> list[int] | None:
+    """The tokens `sample(process(logits, rows, extra), rows)` gives, without processing, when every row is greedy
+    with nothing that changes its logits first (no penalties, no min_tokens ban due: at least min_tokens out,
+    counting `extra`): each row's argmax, the first maximum on ties, exactly as the one-hot `process` builds.
+    Invalid rows raise InvalidLogits as `process` does. None when some row needs `process` (the caller then runs
+    it). Greedy `accept` needs no draft distribution, so a greedy engine step skips processing altogether."""
+    extra = extra if extra is not None else [()] * len(rows)
+    if not all(s.params.greedy and not s.params.has_penalties and len(s.output_ids) + len(e) >= s.params.min_tokens
+               for s, e in zip(rows, extra)):
+        return None
+    bad = invalid_rows(logits)
+    if bad:
+        _raise_invalid(logits, bad, "from the model")
+    return logits.argmax(dim=-1).tolist()
+
+
 # -- drawing --------------------------------------------------------------------------------------------------------
 
 def _race(logprobs: Tensor, generators: Sequence[torch.Generator]) -> Tensor:

@@ -323,6 +323,11 @@ def peak_rss() -> int:
 
 def worker(args: argparse.Namespace) -> None:
     """Load one peer, then answer JSON requests on stdin ({"prompts", "new_tokens"} or {"profile"}) on stdout."""
+    # The protocol gets its own copy of stdout; file descriptor 1 becomes stderr, so that nothing a library or a
+    # child process prints (vLLM prints at import, and its engine processes inherit fd 1) reaches the protocol.
+    sys.stdout.flush()
+    out = os.fdopen(os.dup(1), "w")  # not inheritable: vLLM's child processes do not get it
+    os.dup2(2, 1)
     t0 = time.perf_counter()
     if args.worker in ("cpu", "cpu_ref"):
         peer = OurEngine(args.worker, args.model, args.dtype, args.max_batch, args.prompt_len)
@@ -330,8 +335,6 @@ def worker(args: argparse.Namespace) -> None:
         peer = Transformers(args.model, args.dtype, args.max_batch, args.prompt_len)
     else:
         peer = Vllm(args.model, args.dtype, args.max_batch, args.prompt_len)
-    out = sys.stdout
-    sys.stdout = sys.stderr  # libraries' chatter must not reach the protocol
     import torch
 
     if args.threads:
@@ -409,6 +412,15 @@ class Peer:
 # ----------------------------------------------------------------------------------------------------------------
 # The parent: alternate, take medians, print the table
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def agreement(ours: list[list[int]], theirs: list[list[int]]) -> str:
+    """"k/B identical" and, where some differ, the earliest position a sequence departs."""
+    same = sum(a == b for a, b in zip(ours, theirs))
+    text = f"{same}/{len(theirs)} identical"
+    firsts = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+              for a, b in zip(ours, theirs) if a != b]
+    return text + (f" (earliest difference at token {min(firsts)})" if firsts else "")
 
 
 def main() -> None:
@@ -492,8 +504,8 @@ def main() -> None:
         f"{p.name} b{b} {rates(base, b)[1] / rates(p.name, b)[1]:.2f}x" for b in args.batch_list for p in peers
         if p.name != base))
     b = max(args.batch_list)
-    agree = {p.name: tokens[(p.name, b)] == tokens[(base, b)] for p in peers}
-    print(f"greedy tokens at batch {b} identical to {base}'s: {agree}")
+    print(f"greedy tokens at batch {b} against {base}'s: " + "; ".join(
+        f"{p.name} {agreement(tokens[(p.name, b)], tokens[(base, b)])}" for p in peers if p.name != base))
     if args.profile and any(p.name == "cpu" for p in peers):
         cpu = next(p for p in peers if p.name == "cpu")
         print(f"\n# torch.profiler: cpu decode steps at batch {b} (5 steps after one prefill step)")

@@ -117,3 +117,13 @@ def test_kernel_build_follows_vllms_choice():
     assert bench.vllm_kernel_build({"avx2", "avx512f"}) == "_C_AVX512"
     assert bench.vllm_kernel_build({"avx2", "fma"}) == "_C_AVX2"
     assert bench.vllm_kernel_build({"avx", "sse4_2"}) is None
+
+
+def test_agreement_counts_identical_sequences_and_the_earliest_departure():
+    bench = load_bench()
+    base = [[5, 6, 7, 8], [1, 2, 3, 4], [9, 9, 9, 9]]
+    assert bench.agreement([list(s) for s in base], base) == "3/3 identical"
+    assert bench.agreement([[5, 6, 0, 8], [1, 2, 3, 4], [9, 9, 9, 0]], base) == (
+        "1/3 identical (earliest difference at token 2)")
+    assert bench.agreement([[5, 6], [1, 2, 3, 4], [9, 9, 9, 9]], base) == (
+        "2/3 identical (earliest difference at token 2)")

@@ -503,6 +503,10 @@ def main() -> None:
     print(f"\n{base} speed-up over each peer (decode): " + ", ".join(
         f"{p.name} b{b} {rates(base, b)[1] / rates(p.name, b)[1]:.2f}x" for b in args.batch_list for p in peers
         if p.name != base))
+    if base != "cpu_ref" and any(p.name == "cpu_ref" for p in peers):
+        print("each peer's decode over cpu_ref's: " + ", ".join(
+            f"{p.name} b{b} {rates(p.name, b)[1] / rates('cpu_ref', b)[1]:.2f}x" for b in args.batch_list
+            for p in peers if p.name != "cpu_ref"))
     b = max(args.batch_list)
     print(f"greedy tokens at batch {b} against {base}'s: " + "; ".join(
         f"{p.name} {agreement(tokens[(p.name, b)], tokens[(base, b)])}" for p in peers if p.name != base))

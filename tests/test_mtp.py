@@ -31,12 +31,34 @@ def predictable_mtp_checkpoint(directory, seed: int, alpha: float = 0.35):
     return config
 
 
+def both_paths_run(model, seed: int) -> bool:
+    """Whether the MTP runs of the two equality tests below, on their own prompts, both accept and reject drafts.
+    About 5% of random models (6 of 122 seeds) fall into a greedy loop their MTP module predicts perfectly: every
+    draft of the first test's four 33-token runs is accepted, its `0 < accepted < proposed` then fails."""
+    g = torch.Generator().manual_seed(seed)
+    proposed = accepted = 0
+    for prompt_len in (1, 5, 23, 40):
+        prompt = torch.randint(3, model.cfg.vocab_size, (prompt_len,), generator=g).tolist()
+        spec = Generator(model).generate([prompt], 33, mtp=True, stop_at_eos=False)
+        proposed, accepted = proposed + spec.mtp_proposed, accepted + spec.mtp_accepted
+    g = torch.Generator().manual_seed(seed + 1)
+    prompts = [torch.randint(3, model.cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 17, 8, 30)]
+    batched = Generator(model, prefill_chunk=6).generate(prompts, 25, mtp=True, stop_at_eos=False)
+    return 0 < accepted < proposed and 0 < batched.mtp_accepted < batched.mtp_proposed
+
+
 @pytest.fixture(scope="module")
 def mtp_model(tmp_path_factory):
-    seed = fresh_seed()
-    d = tmp_path_factory.mktemp("mtp")
-    predictable_mtp_checkpoint(d, seed)
-    return load_ours(d), seed
+    """A fresh random model on which both the accept and the reject path run (redrawn otherwise, at most 10 times:
+    a generator that never accepts or never rejects fails here)."""
+    for _ in range(10):
+        seed = fresh_seed()
+        d = tmp_path_factory.mktemp("mtp")
+        predictable_mtp_checkpoint(d, seed)
+        model = load_ours(d)
+        if both_paths_run(model, seed):
+            return model, seed
+    raise AssertionError("10 fresh models never both accepted and rejected an MTP draft on the tests' prompts")
 
 
 def test_greedy_mtp_equals_plain_greedy(mtp_model):
@@ -92,7 +114,7 @@ def test_speculative_sampling_keeps_the_target_distribution():
         _, token = sampler.accept(p, q, draft)
         counts[token] += 1
     chi2, df = chi_square(counts, p)
-    assert chi2 < chi2_limit(df), f"chi-square {chi2:.1f} with {df} degrees of freedom (p < 1e-4 under the null)"
+    assert chi2 < chi2_limit(df), f"chi-square {chi2:.1f} with {df} degrees of freedom (p < 1e-6 under the null)"
 
 
 def test_sampled_generation_is_reproducible_with_a_seed(mtp_model):

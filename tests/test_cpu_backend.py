@@ -13,6 +13,7 @@ from backends.cpu.ops.attention_prefill import attention_prefill
 from backends.cpu.ops.linear import linear
 from backends.cpu.ops.mla_decode import mla_decode
 from backends.cpu.ops.moe_experts import moe_experts
+from backends.cpu.ops.moe_gate import moe_gate
 from backends.cpu.ops.add_rms_norm import add_rms_norm
 from backends.cpu.ops.rms_norm import rms_norm
 from backends.cpu.ops.silu_and_mul import silu_and_mul
@@ -117,6 +118,42 @@ def test_mla_decode_reads_only_named_blocks(g, block_size, s_new):
     got = mla_decode(q_lat, q_pe, cache, table, lens_t, 0.3)
     assert torch.isfinite(got).all(), "a NaN block or a row past lens was read"
     assert rel(got, golden_decode(q_lat, q_pe, cache, table, lens_t, 0.3)) < 2e-6
+
+
+def test_mla_decode_step_memo_never_serves_another_steps_rows(g):
+    """Layers of one step share the gather rows and mask; a table or lengths that differ in one entry (same shapes,
+    same tensors written in place, as the engine's reused buffers are) must rebuild them, never reuse stale ones."""
+    lens = [int(v) for v in torch.randint(1, 40, (4,), generator=g)]
+    q_lat, q_pe, cache, table, lens_t = decode_inputs(lens, 1, heads=2, rank=16, rope=8, block_size=8,
+                                                      seed=fresh_seed())
+    for _ in range(2):  # the second call is served from the memo
+        got = mla_decode(q_lat, q_pe, cache, table, lens_t, 0.3)
+        assert rel(got, golden_decode(q_lat, q_pe, cache, table, lens_t, 0.3)) < 2e-6
+    lens_t[1] -= 1  # in place: same tensor, same shape, other content
+    got = mla_decode(q_lat, q_pe, cache, table, lens_t, 0.3)
+    assert rel(got, golden_decode(q_lat, q_pe, cache, table, lens_t, 0.3)) < 2e-6
+    used = -(-lens_t // 8)
+    named = {int(table[b, j]) for b in range(4) for j in range(int(used[b]))}
+    spare = min(set(range(cache.shape[0])) - named)  # decode_inputs leaves spare blocks
+    cache[spare].copy_(torch.randn(cache[spare].shape, generator=g))
+    table[2, int(used[2]) - 1] = spare  # one block renamed in place
+    got = mla_decode(q_lat, q_pe, cache, table, lens_t, 0.3)
+    assert rel(got, golden_decode(q_lat, q_pe, cache, table, lens_t, 0.3)) < 2e-6
+    table[0, 0] = cache.shape[0]  # and a bad table is still refused after a good one with the same shapes
+    with pytest.raises(ValueError, match="outside the cache"):
+        mla_decode(q_lat, q_pe, cache, table, lens_t, 0.3)
+
+
+@pytest.mark.parametrize("scoring,group_score", [("sigmoid", "top2_sum"), ("softmax", "max")])
+def test_moe_gate_equals_cpu_ref_bit_for_bit(g, scoring, group_score):
+    for tokens in (1, 13):
+        logits = 2 * torch.randn(tokens, 64, generator=g)
+        bias = 0.1 * torch.randn(64, generator=g)
+        for b, groups, keep, renorm in ((bias, 8, 4, True), (None, 1, 1, False), (bias, 4, 4, True)):
+            got = moe_gate(logits, b, 6, groups, keep, 2.5, renorm, scoring, group_score)
+            want = REF["moe_gate"](logits, b, 6, groups, keep, 2.5, renorm, scoring, group_score)
+            assert got[0].dtype == want[0].dtype and got[1].dtype == want[1].dtype
+            assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
 def test_attention_prefill_bottom_right_causal_with_prefix(g):

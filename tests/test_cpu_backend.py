@@ -25,6 +25,7 @@ from tests.helpers import fresh_seed, golden_moe
 from tests.paged_support import decode_inputs, golden_decode
 
 F64 = torch.float64
+TUNING = machine.tuning()
 
 
 @pytest.fixture
@@ -52,11 +53,45 @@ def test_fp8_linear_is_dequantised_once_at_load_as_the_reference_does(g):
 
 
 def test_bf16_weights_widened_only_without_native_bf16(monkeypatch):
+    """Experts are widened to float32 where bf16 is emulated; linear keeps bfloat16 (tuning.yaml) unless told not to."""
     monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2"}))
-    assert prepare_linear(torch.ones(4, 4, dtype=torch.bfloat16), None).weight.dtype == torch.float32
+    ones = torch.ones(2, 4, 4, dtype=torch.bfloat16)
+    assert prepare_experts(ones, None, ones, None, ones, None).w13.dtype == torch.float32
+    kept = prepare_linear(torch.ones(4, 4, dtype=torch.bfloat16), None)
+    assert kept.weight.dtype == torch.bfloat16 and kept.emulated_bf16
+    monkeypatch.setattr(machine, "tuning", lambda: {**TUNING, "emulated_bf16_linear": "float32"})
+    widened = prepare_linear(torch.ones(4, 4, dtype=torch.bfloat16), None)
+    assert widened.weight.dtype == torch.float32 and not widened.emulated_bf16
+    monkeypatch.setattr(machine, "tuning", lambda: {**TUNING, "emulated_bf16_linear": "fp16"})
+    with pytest.raises(ValueError, match="emulated_bf16_linear"):
+        prepare_linear(torch.ones(4, 4, dtype=torch.bfloat16), None)
+    monkeypatch.setattr(machine, "tuning", lambda: TUNING)
     monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
-    assert prepare_linear(torch.ones(4, 4, dtype=torch.bfloat16), None).weight.dtype == torch.bfloat16
+    native = prepare_linear(torch.ones(4, 4, dtype=torch.bfloat16), None)
+    assert native.weight.dtype == torch.bfloat16 and not native.emulated_bf16
+    assert prepare_experts(ones, None, ones, None, ones, None).w13.dtype == torch.bfloat16
     assert prepare_linear(torch.ones(4, 4, dtype=torch.float32), None).weight.dtype == torch.float32
+
+
+def test_emulated_bf16_linear_rounds_once_at_every_row_count(monkeypatch, g):
+    """A bfloat16 weight kept where bf16 is emulated: one row through torch's GEMV, more rows through the chunked
+    widening (chunks forced small here: 5 chunks of 3 rows). Both must round the exact product once: the many-row
+    path, in float32, is within float32 accumulation error of the float64 product (the GEMM's summation order may
+    change with the chunk's width, its products are exact); in bfloat16 both are within one rounding of it."""
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(machine, "tuning", lambda: {**TUNING, "widen_chunk": 3 * 160})
+    w = (torch.randn(15, 160, generator=g) / 160 ** 0.5).to(torch.bfloat16)
+    prepared = prepare_linear(w, None)
+    assert prepared.emulated_bf16
+    for rows in (1, 2, 7):
+        x = torch.randn(rows + 3, 160, generator=g).to(torch.bfloat16)[3:]  # a strided view, as the graph passes
+        y = linear(x, prepared)
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, 15)
+        exact = x.to(F64) @ w.to(F64).T
+        assert ((y.to(F64) - exact).abs() <= exact.abs() * 2 ** -8 + 1e-30).all()  # within one bf16 rounding
+        xf = x.float()
+        bound = 160 * 2 ** -24 * (xf.abs().to(F64) @ w.abs().to(F64).T)
+        assert ((linear(xf, prepared).to(F64) - exact).abs() <= bound).all()
 
 
 def test_absorbed_mla_weights_widened_only_without_native_bf16(monkeypatch, g):

@@ -43,6 +43,14 @@ def weight_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def linear_keeps_bf16() -> bool:
+    """Whether `linear` keeps bfloat16 weights as bfloat16 where bf16 is emulated (tuning.yaml emulated_bf16_linear)."""
+    choice = tuning().get("emulated_bf16_linear", "float32")
+    if choice not in ("bfloat16", "float32"):
+        raise ValueError(f"{TUNING}: emulated_bf16_linear must be bfloat16 or float32, not {choice!r}")
+    return choice == "bfloat16"
+
+
 def threads() -> int:
     """torch's intra-op thread count for this process (tuning.yaml `threads`, "auto" = CPUs it may run on)."""
     want = tuning().get("threads", "auto")

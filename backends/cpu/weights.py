@@ -2,8 +2,9 @@
 
 FP8 weights (e4m3fn codes with 128x128 block scales) are dequantised to float32 exactly as cpu_ref's `linear`
 does on every call (code times scale, one float32 rounding), so the numerics class `reference` holds bit for bit.
-Float weights keep their dtype, except bfloat16 on a CPU without a bf16 dot product, which is widened to float32
-(machine.weight_dtype): lossless, and faster there. Experts are stacked with gate and up fused, so one GEMM per
+Float weights keep their dtype, except bfloat16 experts and absorbed kv_b halves on a CPU without a bf16 dot product,
+which are widened to float32 (machine.weight_dtype): lossless, and faster there; `linear` keeps bfloat16 there too
+and widens per call in cache-sized chunks (widen.py, tuning.yaml emulated_bf16_linear). Experts are stacked with gate and up fused, so one GEMM per
 expert computes both. MLA decode's absorbed kv_b halves (prepare_mla) follow the same rule: on a CPU without a bf16
 dot product torch's bfloat16 bmm is 20-80x slower than float32 (AVX2, 8 heads, 32 tokens: 86 ms against 1.2 ms)."""
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from backends.cpu.machine import weight_dtype
+from backends.cpu.machine import linear_keeps_bf16, native_bf16, weight_dtype
 from core.fp8 import dequantize_blocks
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
@@ -22,9 +23,12 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
 @dataclass(frozen=True)
 class CpuLinear:
-    """weight: [N, K] contiguous, float32 / bfloat16 / float64 (what the GEMM multiplies, no per-call cast)."""
+    """weight: [N, K] contiguous, float32 / bfloat16 / float64. emulated_bf16: a bfloat16 weight kept as bfloat16 on
+    a CPU without a bf16 dot product (ops/linear.py then multiplies one row by torch's GEMV, more rows through
+    widen.py); otherwise the weight is what the GEMM multiplies, with no per-call cast."""
 
     weight: Tensor
+    emulated_bf16: bool = False
 
     @property
     def out_features(self) -> int:
@@ -67,7 +71,11 @@ def _dense(weight: Tensor, scale_inv: Tensor | None) -> Tensor:
 
 
 def prepare_linear(weight: Tensor, scale_inv: Tensor | None) -> CpuLinear:
-    """weight [N, K] FP8 (+ scale_inv [ceil(N/128), ceil(K/128)] float32) or float -> CpuLinear, dequantised once."""
+    """weight [N, K] FP8 (+ scale_inv [ceil(N/128), ceil(K/128)] float32) or float -> CpuLinear, dequantised once.
+    A bfloat16 weight stays bfloat16 where bf16 is native, and where it is emulated unless tuning.yaml's
+    emulated_bf16_linear says float32."""
+    if weight.dtype == torch.bfloat16 and (native_bf16() or linear_keeps_bf16()):
+        return CpuLinear(weight.contiguous(), emulated_bf16=not native_bf16())
     return CpuLinear(_dense(weight, scale_inv).contiguous())
 
 

@@ -6,16 +6,23 @@ import torch
 from torch import Tensor
 
 from backends.cpu.weights import CpuLinear
+from backends.cpu.widen import mm_widened
 
 
 def linear(x: Tensor, w: CpuLinear) -> Tensor:
     """`x @ W.T`: x [T, K] working dtype (any strides), w.weight [N, K] as prepared. Returns [T, N] in x.dtype.
 
-    Same dtype: one oneDNN GEMM (float32 accumulation, bfloat16 output rounded once). Weight wider than x (float32
-    weights of a bfloat16 model on a CPU without native bf16): x is widened, the GEMM runs in float32 and the output
-    is rounded once, exactly cpu_ref's numerics. Weight narrower than x (a bfloat16 weight fed float32): the weight
-    is widened for that call."""
+    Same dtype: one oneDNN GEMM (float32 accumulation, bfloat16 output rounded once). A bfloat16 weight kept where
+    bf16 is emulated (w.emulated_bf16): one bfloat16 row runs torch's bfloat16 GEMV (float32 accumulation, one
+    rounding), reading half the bytes of float32 weights; more rows, or float32 rows, multiply the weight widened
+    in cache-sized chunks (widen.py) in float32 and round once, exactly cpu_ref's numerics. Weight wider than x
+    (float32 weights of a bfloat16 model): x is widened, the GEMM runs in float32 and the output is rounded once.
+    Weight narrower than x otherwise: the weight is widened for that call."""
     weight = w.weight
+    if w.emulated_bf16 and x.dtype in (torch.bfloat16, torch.float32):
+        if x.dtype == torch.bfloat16 and x.shape[0] == 1:
+            return torch.nn.functional.linear(x, weight)
+        return mm_widened(x.float(), weight).to(x.dtype)
     if x.dtype == weight.dtype:
         return torch.nn.functional.linear(x, weight)
     ct = torch.promote_types(x.dtype, weight.dtype)

@@ -15,6 +15,7 @@ from backends.cpu.ops.mla_decode import mla_decode
 from backends.cpu.ops.moe_experts import moe_experts
 from backends.cpu.ops.moe_gate import moe_gate
 from backends.cpu.ops.add_rms_norm import add_rms_norm
+from backends.cpu.ops.apply_rope import apply_rope
 from backends.cpu.ops.rms_norm import rms_norm
 from backends.cpu.ops.silu_and_mul import silu_and_mul
 from backends.cpu.weights import prepare_experts, prepare_linear, prepare_mla
@@ -109,8 +110,8 @@ def test_absorbed_mla_weights_widened_only_without_native_bf16(monkeypatch, g):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_elementwise_ops_equal_cpu_ref_bit_for_bit(g, dtype):
-    """rms_norm (torch's rms_norm), add_rms_norm and silu_and_mul compute in float32 and round once, exactly as
-    the specification does; inputs are left untouched."""
+    """rms_norm (torch's rms_norm), add_rms_norm, silu_and_mul and apply_rope (cpu_ref's code today) compute in
+    float32 and round once, exactly as the specification does; inputs are left untouched."""
     for tokens in (1, 9):
         x = (3 * torch.randn(tokens, 96, generator=g)).to(dtype)
         res = torch.randn(tokens, 96, generator=g).to(dtype)
@@ -123,6 +124,12 @@ def test_fused_elementwise_ops_equal_cpu_ref_bit_for_bit(g, dtype):
         gate_up = (4 * torch.randn(tokens, 2, 40, generator=g)).to(dtype).view(tokens, 80)
         assert torch.equal(silu_and_mul(gate_up), REF["silu_and_mul"](gate_up))
         assert torch.equal(x, x0) and torch.equal(res, res0)
+        angles = 50 * torch.rand(tokens, 16, generator=g)
+        for rope_in in ((3 * torch.randn(tokens, 5, 32, generator=g)).to(dtype), x[:, 64:]):  # heads, and a view
+            before = rope_in.clone()
+            got = apply_rope(rope_in, angles.cos(), angles.sin())
+            assert got.dtype == dtype and torch.equal(got, REF["apply_rope"](rope_in, angles.cos(), angles.sin()))
+            assert torch.equal(rope_in, before)
 
 
 

@@ -10,7 +10,7 @@ dot product torch's bfloat16 bmm is 20-80x slower than float32 (AVX2, 8 heads, 3
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -41,10 +41,18 @@ class CpuLinear:
 
 @dataclass(frozen=True)
 class CpuExperts:
-    """w13: [E, 2I, D] (gate rows first, then up); w2: [E, D, I]; both contiguous, in one GEMM dtype."""
+    """w13: [E, 2I, D] (gate rows first, then up); w2: [E, D, I]; both contiguous, in one GEMM dtype. w13_t, w2_t:
+    per expert the transposed view each GEMM multiplies ([D, 2I] and [I, D], no copy), built once so that a call
+    pays no per-expert select and transpose."""
 
     w13: Tensor
     w2: Tensor
+    w13_t: tuple[Tensor, ...] = field(init=False, repr=False, compare=False)
+    w2_t: tuple[Tensor, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "w13_t", tuple(w.t() for w in self.w13.unbind(0)))
+        object.__setattr__(self, "w2_t", tuple(w.t() for w in self.w2.unbind(0)))
 
     @property
     def num_experts(self) -> int:

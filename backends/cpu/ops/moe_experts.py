@@ -2,9 +2,10 @@
 run once per call on all its tokens, a float32 combine by one batched matmul.
 
 The (token, slot) pairs are sorted by expert once; the tokens are gathered once in that order, so each expert's rows
-are one contiguous slice that its two GEMMs read and write in place (`out=`), and the SwiGLU runs once over all
-rows. Per active expert the Python loop issues two GEMMs and nothing else (the profile of issue 15's decode put ~10
-small ops per expert here before: gather, GEMM, slices, silu, mul, GEMM, scatter)."""
+are one contiguous slice (one `split` for all) that its two GEMMs read and write in place (`out=`) through
+transposed views built at load, and the SwiGLU runs once over all rows. Per active expert the Python loop issues two
+GEMMs and nothing else (the profile of issue 15's decode put ~10 small ops per expert here before: gather, GEMM,
+slices, silu, mul, GEMM, scatter)."""
 
 from __future__ import annotations
 
@@ -31,29 +32,30 @@ def moe_experts(x: Tensor, experts: CpuExperts, weights: Tensor, ids: Tensor) ->
     order = torch.argsort(flat, stable=True)  # slot indices grouped by expert; -1 slots sort first
     counts = torch.bincount(flat + 1, minlength=experts.num_experts + 1).tolist()  # [-1 slots, expert 0, ...]
     n_skip = counts[0]
-    mine = order[n_skip:]
-    rows = mine.numel()
+    active = [(e, n) for e, n in enumerate(counts[1:]) if n]
+    sizes = [n for _, n in active]
+    mine = order[n_skip:] if n_skip else order
+    rows = tokens * top_k - n_skip
     inter = experts.intermediate_size
     xs = x.index_select(0, mine // top_k)  # [rows, D], grouped by expert
     if xs.dtype != gemm_dtype:
         xs = xs.to(gemm_dtype)
     h = xs.new_empty(rows, 2 * inter)
-    start = 0
-    for e, n in enumerate(counts[1:]):
-        if n:
-            torch.mm(xs[start:start + n], experts.w13[e].t(), out=h[start:start + n])
-            start += n
+    for (e, _), xe, he in zip(active, xs.split(sizes), h.split(sizes)):
+        torch.mm(xe, experts.w13_t[e], out=he)
     hf = h if h.dtype == ct else h.to(ct)
     act = torch.nn.functional.silu(hf[:, :inter]).mul_(hf[:, inter:])
     if act.dtype != gemm_dtype:
         act = act.to(gemm_dtype)
     y = xs.new_empty(rows, dim)
-    start = 0
-    for e, n in enumerate(counts[1:]):
-        if n:
-            torch.mm(act[start:start + n], experts.w2[e].t(), out=y[start:start + n])
-            start += n
-    out = torch.zeros(tokens * top_k, dim, dtype=ct)
-    out[mine] = y if y.dtype == ct else y.to(ct)
-    mix = weights.to(ct).masked_fill(ids < 0, 0.0).reshape(tokens, 1, top_k)  # a -1 slot's weight: ignored, even NaN
-    return torch.bmm(mix, out.view(tokens, top_k, dim)).view(tokens, dim).to(x.dtype)
+    for (e, _), ae, ye in zip(active, act.split(sizes), y.split(sizes)):
+        torch.mm(ae, experts.w2_t[e], out=ye)
+    yc = y if y.dtype == ct else y.to(ct)
+    mix = weights.to(ct)
+    if n_skip:
+        out = torch.zeros(tokens * top_k, dim, dtype=ct)
+        out[mine] = yc
+        mix = mix.masked_fill(ids < 0, 0.0)  # a -1 slot's weight: ignored, even NaN
+    else:  # every slot is local: place the rows back in slot order with one scatter
+        out = torch.empty(tokens * top_k, dim, dtype=ct).index_copy_(0, mine, yc)
+    return torch.bmm(mix.reshape(tokens, 1, top_k), out.view(tokens, top_k, dim)).view(tokens, dim).to(x.dtype)

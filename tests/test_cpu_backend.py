@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backends.cpu import machine
+from backends.cpu import fp16, machine
 from backends.cpu.ops.attention_prefill import attention_prefill
 from backends.cpu.ops.linear import linear
 from backends.cpu.ops.mla_decode import mla_decode
@@ -54,19 +54,23 @@ def test_fp8_linear_is_dequantised_once_at_load_as_the_reference_does(g):
 
 
 def test_bf16_weights_widened_only_without_native_bf16(monkeypatch):
-    """Experts are widened to float32 where bf16 is emulated; linear keeps bfloat16 (tuning.yaml) unless told not to."""
+    """Without the fp16 path: experts are widened to float32 where bf16 is emulated; linear keeps bfloat16
+    (tuning.yaml) unless told not to."""
     monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2"}))
+    monkeypatch.setattr(machine, "tuning", lambda: {**TUNING, "fp16_weight_gemm": "never"})
     ones = torch.ones(2, 4, 4, dtype=torch.bfloat16)
     assert prepare_experts(ones, None, ones, None, ones, None).w13.dtype == torch.float32
     kept = prepare_linear(torch.ones(4, 4, dtype=torch.bfloat16), None)
     assert kept.weight.dtype == torch.bfloat16 and kept.emulated_bf16
-    monkeypatch.setattr(machine, "tuning", lambda: {**TUNING, "emulated_bf16_linear": "float32"})
+    monkeypatch.setattr(machine, "tuning", lambda: {**TUNING, "emulated_bf16_linear": "float32",
+                                                    "fp16_weight_gemm": "never"})
     widened = prepare_linear(torch.ones(4, 4, dtype=torch.bfloat16), None)
     assert widened.weight.dtype == torch.float32 and not widened.emulated_bf16
-    monkeypatch.setattr(machine, "tuning", lambda: {**TUNING, "emulated_bf16_linear": "fp16"})
+    monkeypatch.setattr(machine, "tuning", lambda: {**TUNING, "emulated_bf16_linear": "fp16",
+                                                    "fp16_weight_gemm": "never"})
     with pytest.raises(ValueError, match="emulated_bf16_linear"):
         prepare_linear(torch.ones(4, 4, dtype=torch.bfloat16), None)
-    monkeypatch.setattr(machine, "tuning", lambda: TUNING)
+    monkeypatch.setattr(machine, "tuning", lambda: {**TUNING, "fp16_weight_gemm": "never"})
     monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
     native = prepare_linear(torch.ones(4, 4, dtype=torch.bfloat16), None)
     assert native.weight.dtype == torch.bfloat16 and not native.emulated_bf16
@@ -80,7 +84,7 @@ def test_emulated_bf16_linear_rounds_once_at_every_row_count(monkeypatch, g):
     path, in float32, is within float32 accumulation error of the float64 product (the GEMM's summation order may
     change with the chunk's width, its products are exact); in bfloat16 both are within one rounding of it."""
     monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2"}))
-    monkeypatch.setattr(machine, "tuning", lambda: {**TUNING, "widen_chunk": 3 * 160})
+    monkeypatch.setattr(machine, "tuning", lambda: {**TUNING, "widen_chunk": 3 * 160, "fp16_weight_gemm": "never"})
     w = (torch.randn(15, 160, generator=g) / 160 ** 0.5).to(torch.bfloat16)
     prepared = prepare_linear(w, None)
     assert prepared.emulated_bf16
@@ -89,10 +93,86 @@ def test_emulated_bf16_linear_rounds_once_at_every_row_count(monkeypatch, g):
         y = linear(x, prepared)
         assert y.dtype == torch.bfloat16 and y.shape == (rows, 15)
         exact = x.to(F64) @ w.to(F64).T
-        assert ((y.to(F64) - exact).abs() <= exact.abs() * 2 ** -8 + 1e-30).all()  # within one bf16 rounding
+        acc = 160 * 2 ** -24 * (x.abs().to(F64) @ w.abs().to(F64).T)  # float32 sums, then one bf16 rounding
+        assert ((y.to(F64) - exact).abs() <= (exact.abs() + acc) * 2 ** -8 + acc).all()
         xf = x.float()
         bound = 160 * 2 ** -24 * (xf.abs().to(F64) @ w.abs().to(F64).T)
         assert ((linear(xf, prepared).to(F64) - exact).abs() <= bound).all()
+
+
+needs_fbgemm = pytest.mark.skipif(not fp16.present(), reason="this torch build has no FBGEMM (not x86)")
+
+
+@needs_fbgemm
+def test_fp16_self_test_passes_where_fbgemm_is_present():
+    assert fp16.available() and machine._fbgemm_fp16()
+
+
+@needs_fbgemm
+def test_fp16_packing_is_exact_or_refused(g):
+    """Packed only when every element is exactly fp16 after one power-of-two shift; fp16 packing itself saturates
+    and rounds silently, so anything else must come back None."""
+    w = torch.randn(24, 40, generator=g).bfloat16().float()
+    for scale in (1.0, 2.0 ** -30, 2.0 ** 40, 2.0 ** 17):  # the shift follows the magnitude (fp16 tops at 65504)
+        assert fp16.pack_exact(w * scale) is not None
+    assert fp16.pack_exact(torch.zeros(3, 4)) is not None
+    assert fp16.pack_exact(torch.randn(24, 40, generator=g)) is None  # float32 mantissas
+    wide = w.clone()
+    wide[0, 0], wide[1, 1] = 1.0, 2.0 ** -40  # dynamic range 2^40: the small one has no exact fp16 form
+    assert fp16.pack_exact(wide) is None
+    for bad in (float("nan"), float("inf")):
+        poisoned = w.clone()
+        poisoned[3, 5] = bad
+        assert fp16.pack_exact(poisoned) is None
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("magnitude", [1.0, 2.0 ** -20, 2.0 ** 20])
+def test_fp16_packed_linear_is_the_float32_gemm_of_the_same_weights(g, magnitude, monkeypatch):
+    """bf16 weights of any magnitude, packed: float32 inputs get float32 products and sums (within float32
+    accumulation error of the float64 product: no input or weight rounded to fp16), bf16 inputs one rounding."""
+    monkeypatch.setattr(machine, "tuning", lambda: {**TUNING, "fp16_weight_gemm": "always"})
+    w = (torch.randn(70, 160, generator=g) * magnitude / 160 ** 0.5).to(torch.bfloat16)
+    prepared = prepare_linear(w, None)
+    assert prepared.fp16 is not None and prepared.weight is None and prepared.shape == (70, 160)
+    for rows in (1, 3, 40):
+        xf = torch.randn(rows + 2, 160, generator=g)[2:] * (1 + torch.rand(rows, 160, generator=g))  # full mantissas
+        exact = xf.to(F64) @ w.to(F64).T
+        bound = 160 * 2 ** -24 * (xf.abs().to(F64) @ w.abs().to(F64).T)
+        got = linear(xf, prepared)
+        assert got.dtype == torch.float32 and ((got.to(F64) - exact).abs() <= bound).all()
+        xb = xf.to(torch.bfloat16)
+        yb = linear(xb, prepared)
+        exact_b = xb.to(F64) @ w.to(F64).T
+        acc = 160 * 2 ** -24 * (xb.abs().to(F64) @ w.abs().to(F64).T)  # float32 sums; then one bf16 rounding
+        assert yb.dtype == torch.bfloat16 and ((yb.to(F64) - exact_b).abs() <= (exact_b.abs() + acc) * 2 ** -8 + acc).all()
+    monkeypatch.setattr(machine, "tuning", lambda: {**TUNING, "fp16_weight_gemm": "never"})
+    assert prepare_linear(w, None).fp16 is None
+
+
+@needs_fbgemm
+def test_fp16_path_follows_the_tuning_and_falls_back_per_weight(g, monkeypatch):
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2"}))
+    exact = torch.randn(8, 16, generator=g).to(torch.bfloat16)
+    assert prepare_linear(exact, None).fp16 is not None  # the shipped default where bf16 is emulated
+    assert prepare_linear(torch.randn(8, 16, generator=g), None).fp16 is None  # true float32: MKL
+    codes, scale = quantize_blocks(torch.randn(8, 16, generator=g))
+    assert prepare_linear(codes, scale).fp16 is None  # FP8 with an arbitrary scale: not exact in fp16
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset({"avx2", "amx_bf16"}))
+    assert prepare_linear(exact, None).fp16 is None  # bf16 native: oneDNN, unless "always"
+    monkeypatch.setattr(machine, "tuning", lambda: {**TUNING, "fp16_weight_gemm": "always"})
+    assert prepare_linear(exact, None).fp16 is not None
+    monkeypatch.setattr(machine, "tuning", lambda: {**TUNING, "fp16_weight_gemm": "sometimes"})
+    with pytest.raises(ValueError, match="fp16_weight_gemm"):
+        prepare_linear(exact, None)
+    monkeypatch.setattr(machine, "tuning", lambda: {**TUNING, "fp16_weight_gemm": "always"})
+    gate, up = torch.randn(3, 8, 16, generator=g).bfloat16(), torch.randn(3, 8, 16, generator=g).bfloat16()
+    down = torch.randn(3, 16, 8, generator=g).bfloat16()
+    assert prepare_experts(gate, None, up, None, down, None).packed is not None
+    down_f32 = down.float()
+    down_f32[2, 0, 0] = 0.1234567  # one element of one expert has no fp16 form: every expert stays dense
+    dense = prepare_experts(gate, None, up, None, down_f32, None)
+    assert dense.packed is None and dense.w13.dtype == torch.float32
 
 
 def test_absorbed_mla_weights_widened_only_without_native_bf16(monkeypatch, g):
@@ -134,8 +214,10 @@ def test_fused_elementwise_ops_equal_cpu_ref_bit_for_bit(g, dtype):
 
 
 
+@pytest.mark.parametrize("fp16_gemm", ["never", "always"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_moe_experts_groups_by_expert_and_skips_minus_one(g, dtype):
+def test_moe_experts_groups_by_expert_and_skips_minus_one(g, dtype, fp16_gemm, monkeypatch):
+    monkeypatch.setattr(machine, "tuning", lambda: {**TUNING, "fp16_weight_gemm": fp16_gemm})
     e, d, i, tokens, k = 6, 40, 24, 11, 3
     gate, up = torch.randn(e, i, d, generator=g) / d ** 0.5, torch.randn(e, i, d, generator=g) / d ** 0.5
     down = torch.randn(e, d, i, generator=g) / i ** 0.5
@@ -144,7 +226,10 @@ def test_moe_experts_groups_by_expert_and_skips_minus_one(g, dtype):
     ids[::3, 0] = -1  # experts held by another process
     ids[4, :] = -1  # a token with no local expert at all
     weights = torch.rand(tokens, k, generator=g)
+    if fp16_gemm == "always":  # exact in fp16 after a shift: bf16 values
+        gate, up, down = gate.bfloat16().float(), up.bfloat16().float(), down.bfloat16().float()
     experts = prepare_experts(gate.to(dtype), None, up.to(dtype), None, down.to(dtype), None)
+    assert (experts.packed is not None) == (fp16_gemm == "always" and machine._fbgemm_fp16())
     got = moe_experts(x.to(dtype), experts, weights, ids)
     assert got.dtype == dtype and got.shape == x.shape
     golden = golden_moe(x.to(dtype), gate.to(dtype), up.to(dtype), down.to(dtype), weights, ids)

@@ -51,6 +51,21 @@ def linear_keeps_bf16() -> bool:
     return choice == "bfloat16"
 
 
+@functools.lru_cache(maxsize=1)
+def _fbgemm_fp16() -> bool:
+    from backends.cpu import fp16
+    return fp16.available()
+
+
+def fp16_gemm() -> bool:
+    """Whether float weights that are exact in fp16 are held as fbgemm's packed fp16 (tuning.yaml fp16_weight_gemm)."""
+    choice = tuning().get("fp16_weight_gemm", "never")
+    if choice not in ("bf16_emulated", "always", "never"):
+        raise ValueError(f"{TUNING}: fp16_weight_gemm must be bf16_emulated, always or never, not {choice!r}")
+    wanted = choice == "always" or (choice == "bf16_emulated" and not native_bf16())
+    return wanted and _fbgemm_fp16()
+
+
 def threads() -> int:
     """torch's intra-op thread count for this process (tuning.yaml `threads`, "auto" = CPUs it may run on)."""
     want = tuning().get("threads", "auto")
@@ -62,4 +77,4 @@ def threads() -> int:
 def describe() -> str:
     """One line for reports: ISA, bf16 support, threads."""
     return (f"{torch.backends.cpu.get_cpu_capability()}, bf16 {'native' if native_bf16() else 'emulated'}, "
-            f"{torch.get_num_threads()} threads")
+            f"{'fbgemm fp16 weights, ' if fp16_gemm() else ''}{torch.get_num_threads()} threads")

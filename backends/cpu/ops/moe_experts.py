@@ -12,20 +12,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from backends.cpu import fp16
 from backends.cpu.weights import CpuExperts
 
 
 def moe_experts(x: Tensor, experts: CpuExperts, weights: Tensor, ids: Tensor) -> Tensor:
     """`y[t] = sum_j weights[t, j] * down(silu(gate(x[t])) * up(x[t]))` with expert ids[t, j].
 
-    x [T, D] working dtype; experts: CpuExperts (w13 [E, 2I, D], w2 [E, D, I]); weights [T, k] float32; ids [T, k]
-    int64 in [0, E), or -1 for an expert another process holds (contributes nothing). The GEMMs run in the weights'
-    dtype (float32 unless bf16 is native, see weights.py) with the SwiGLU in float32; the combine is float32, rounded
-    once to x.dtype. Returns [T, D] in x.dtype."""
+    x [T, D] working dtype; experts: CpuExperts (packed fp16 per expert, or w13 [E, 2I, D], w2 [E, D, I]); weights
+    [T, k] float32; ids [T, k] int64 in [0, E), or -1 for an expert another process holds (contributes nothing). The
+    GEMMs run in float32 on packed fp16 weights (exact, fp16.py), else in the weights' dtype (float32 unless bf16 is
+    native, see weights.py), with the SwiGLU in float32; the combine is float32, rounded once to x.dtype. Returns
+    [T, D] in x.dtype."""
     tokens, top_k = ids.shape
     dim = x.shape[1]
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
-    gemm_dtype = experts.w13.dtype
+    gemm_dtype = experts.gemm_dtype
     if tokens == 0:
         return x.new_zeros(0, dim)
     flat = ids.reshape(-1)
@@ -40,16 +42,24 @@ def moe_experts(x: Tensor, experts: CpuExperts, weights: Tensor, ids: Tensor) ->
     xs = x.index_select(0, mine // top_k)  # [rows, D], grouped by expert
     if xs.dtype != gemm_dtype:
         xs = xs.to(gemm_dtype)
-    h = xs.new_empty(rows, 2 * inter)
-    for (e, _), xe, he in zip(active, xs.split(sizes), h.split(sizes)):
-        torch.mm(xe, experts.w13_t[e], out=he)
+    if experts.packed is not None:  # fbgemm's fp16 GEMM (exact weights, float32 products and sums): new outputs
+        h = torch.cat([fp16.mm(xe, experts.packed[e][0]) for (e, _), xe in zip(active, xs.split(sizes))]) \
+            if active else xs.new_empty(0, 2 * inter)
+    else:
+        h = xs.new_empty(rows, 2 * inter)
+        for (e, _), xe, he in zip(active, xs.split(sizes), h.split(sizes)):
+            torch.mm(xe, experts.w13_t[e], out=he)
     hf = h if h.dtype == ct else h.to(ct)
     act = torch.nn.functional.silu(hf[:, :inter]).mul_(hf[:, inter:])
     if act.dtype != gemm_dtype:
         act = act.to(gemm_dtype)
-    y = xs.new_empty(rows, dim)
-    for (e, _), ae, ye in zip(active, act.split(sizes), y.split(sizes)):
-        torch.mm(ae, experts.w2_t[e], out=ye)
+    if experts.packed is not None:
+        y = torch.cat([fp16.mm(ae, experts.packed[e][1]) for (e, _), ae in zip(active, act.split(sizes))]) \
+            if active else xs.new_empty(0, dim)
+    else:
+        y = xs.new_empty(rows, dim)
+        for (e, _), ae, ye in zip(active, act.split(sizes), y.split(sizes)):
+            torch.mm(ae, experts.w2_t[e], out=ye)
     yc = y if y.dtype == ct else y.to(ct)
     mix = weights.to(ct)
     if n_skip:

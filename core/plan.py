@@ -11,9 +11,9 @@ ranks holding one fewer when N does not divide E); embedding and LM head are spl
 also keeps kv_b absorbed as `w_uk`/`w_uv` in the working dtype (split by head; a backend's optional prepare_mla may
 widen them). FP8 checkpoints keep FP8 codes plus one float32 scale per 128x128 block for every projection
 (`--weights fp8`, what cuda, rocm and cpu_ref hold); `--weights bf16` is what a backend that dequantises at load holds
-(ascend; cpu with a bf16 checkpoint where bfloat16 is native); `--weights float32` is what cpu holds for an FP8
-checkpoint (dequantised once to float32, cpu_ref's numbers bit for bit) and for a bf16 one where bfloat16 is emulated
-(AVX2 without avx512_bf16 or AMX): every weight, and w_uk/w_uv, in float32.
+(ascend; cpu with a bf16 checkpoint: bf16 where bfloat16 is native, exact fp16 where it is emulated, with only
+w_uk/w_uv in float32 there, 0.2% of V3's parameters); `--weights float32` is what cpu holds for an FP8 checkpoint
+(dequantised once to float32, cpu_ref's numbers bit for bit): every weight, and w_uk/w_uv, in float32.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from backends.cpu.ops.silu_and_mul import silu_and_mul
 from backends.cpu.weights import prepare_experts, prepare_linear, prepare_mla
 from backends.cpu_ref import OPS as REF
 from core import registry
-from core.fp8 import quantize_blocks
+from core.fp8 import dequantize_blocks, quantize_blocks
 from tests.helpers import fresh_seed, golden_moe
 from tests.paged_support import decode_inputs, golden_decode
 
@@ -173,6 +173,44 @@ def test_fp16_path_follows_the_tuning_and_falls_back_per_weight(g, monkeypatch):
     down_f32[2, 0, 0] = 0.1234567  # one element of one expert has no fp16 form: every expert stays dense
     dense = prepare_experts(gate, None, up, None, down_f32, None)
     assert dense.packed is None and dense.w13.dtype == torch.float32
+
+
+@pytest.mark.parametrize("setting", ["fp8", "auto-short", "auto-plenty", "float32"])
+def test_fp8_weights_kept_or_dequantised_give_the_same_numbers(g, setting, monkeypatch):
+    """fp8_weights: kept FP8 (by setting, or because memory is short under "auto") multiplies the very float32
+    values the load-time dequantisation holds; -1 expert slots still contribute nothing."""
+    choice = setting.split("-")[0]
+    monkeypatch.setenv("DSV3_CPU_FP8_WEIGHTS", choice)
+    gib = 1 << 30
+    monkeypatch.setattr(machine, "memory_bytes", lambda: (16 * gib, (1 if setting == "auto-short" else 15) * gib))
+    keep = setting in ("fp8", "auto-short")
+    w = torch.randn(200, 130, generator=g)
+    codes, scale = quantize_blocks(w)
+    prepared = prepare_linear(codes, scale)
+    assert (prepared.fp8 is not None) == keep and prepared.shape == (200, 130)
+    exact = dequantize_blocks(codes, scale, F64)
+    x = torch.randn(5, 130, generator=g)
+    bound = 130 * 2 ** -24 * (x.abs().to(F64) @ exact.abs().T)
+    assert ((linear(x, prepared).to(F64) - x.to(F64) @ exact.T).abs() <= bound).all()
+    e, d, i = 4, 64, 32
+    stacked = [quantize_blocks(t) for t in (torch.randn(e, i, d, generator=g), torch.randn(e, i, d, generator=g),
+                                            torch.randn(e, d, i, generator=g))]
+    (gc, gs), (uc, us), (dc, ds) = stacked
+    experts = prepare_experts(gc, gs, uc, us, dc, ds)
+    assert (experts.fp8 is not None) == keep
+    xs = torch.randn(7, d, generator=g)
+    ids = torch.stack([torch.randperm(e, generator=g)[:2] for _ in range(7)])
+    ids[::3, 1] = -1
+    mix = torch.rand(7, 2, generator=g)
+    golden = golden_moe(xs, *(dequantize_blocks(c, s_, torch.float32) for c, s_ in stacked), mix, ids)
+    assert rel(moe_experts(xs, experts, mix, ids), golden) < 2e-6
+
+
+def test_fp8_weights_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("DSV3_CPU_FP8_WEIGHTS", "int4")
+    codes, scale = quantize_blocks(torch.randn(8, 8))
+    with pytest.raises(ValueError, match="DSV3_CPU_FP8_WEIGHTS"):
+        prepare_linear(codes, scale)
 
 
 def test_absorbed_mla_weights_widened_only_without_native_bf16(monkeypatch, g):

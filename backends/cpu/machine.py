@@ -66,6 +66,39 @@ def fp16_gemm() -> bool:
     return wanted and _fbgemm_fp16()
 
 
+def fp8_weights() -> str:
+    """tuning.yaml fp8_weights (auto, float32 or fp8), or $DSV3_CPU_FP8_WEIGHTS when set."""
+    choice = os.environ.get("DSV3_CPU_FP8_WEIGHTS") or tuning().get("fp8_weights", "float32")
+    if choice not in ("auto", "float32", "fp8"):
+        raise ValueError(f"fp8_weights (DSV3_CPU_FP8_WEIGHTS or {TUNING}) must be auto, float32 or fp8, "
+                         f"not {choice!r}")
+    return choice
+
+
+def memory_bytes() -> tuple[int, int]:
+    """(MemTotal, MemAvailable) from /proc/meminfo in bytes; (0, 0) where there is no such file."""
+    found = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            if key in ("MemTotal", "MemAvailable"):
+                found[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    return found.get("MemTotal", 0), found.get("MemAvailable", 0)
+
+
+def fp8_dequantise(float32_bytes: int) -> bool:
+    """Whether an FP8 weight whose float32 copy takes float32_bytes is dequantised at load (else kept as FP8)."""
+    choice = fp8_weights()
+    if choice != "auto":
+        return choice == "float32"
+    total, available = memory_bytes()
+    if total == 0:  # no /proc/meminfo: nothing says memory is short
+        return True
+    return available - float32_bytes >= float(tuning().get("fp8_auto_reserve", 0.15)) * total
+
+
 def threads() -> int:
     """torch's intra-op thread count for this process (tuning.yaml `threads`, "auto" = CPUs it may run on)."""
     want = tuning().get("threads", "auto")

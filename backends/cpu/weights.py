@@ -20,15 +20,17 @@ import torch
 from torch import Tensor
 
 from backends.cpu.fp16 import Fp16Weight, pack_exact
-from backends.cpu.machine import fp16_gemm, linear_keeps_bf16, native_bf16, weight_dtype
+from backends.cpu.machine import fp8_dequantise, fp16_gemm, linear_keeps_bf16, native_bf16, weight_dtype
 from core.fp8 import dequantize_blocks
+from core.ops import ExpertWeights, LinearWeight
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 
 
 @dataclass(frozen=True)
 class CpuLinear:
-    """One of: fp16, the weight held as fbgemm's packed fp16 (exact, fp16.py); or weight [N, K] contiguous, float32 /
+    """One of: fp8, an FP8 weight kept as codes and scales (dequantised per call by cpu_ref's code); fp16, the weight
+    held as fbgemm's packed fp16 (exact, fp16.py); or weight [N, K] contiguous, float32 /
     bfloat16 / float64, with emulated_bf16 for a bfloat16 weight kept as bfloat16 on a CPU without a bf16 dot product
     (ops/linear.py then multiplies one row by torch's GEMV, more rows through widen.py); otherwise the weight is
     what the GEMM multiplies, with no per-call cast."""
@@ -36,9 +38,12 @@ class CpuLinear:
     weight: Tensor | None
     emulated_bf16: bool = False
     fp16: Fp16Weight | None = None
+    fp8: LinearWeight | None = None  # FP8 codes and block scales kept (tuning.yaml fp8_weights): cpu_ref's linear
 
     @property
     def shape(self) -> tuple[int, int]:
+        if self.fp8 is not None:
+            return tuple(self.fp8.weight.shape)
         return self.fp16.shape if self.fp16 is not None else tuple(self.weight.shape)
 
     @property
@@ -52,7 +57,7 @@ class CpuLinear:
 
 @dataclass(frozen=True)
 class CpuExperts:
-    """Either packed: per expert (gate+up [2I, D], down [D, I]) as fbgemm's packed fp16 (exact, fp16.py), with
+    """Either fp8: an FP8 layer kept as codes and scales (ops/moe_experts.py hands it to cpu_ref's loop); or packed: per expert (gate+up [2I, D], down [D, I]) as fbgemm's packed fp16 (exact, fp16.py), with
     w13 = w2 = None; or w13: [E, 2I, D] (gate rows first, then up) and w2: [E, D, I], contiguous, in one GEMM dtype,
     with w13_t, w2_t: per expert the transposed view each GEMM multiplies ([D, 2I] and [I, D], no copy), built once
     so that a call pays no per-expert select and transpose."""
@@ -63,6 +68,7 @@ class CpuExperts:
     w13: Tensor | None = None
     w2: Tensor | None = None
     packed: tuple[tuple[Fp16Weight, Fp16Weight], ...] | None = None
+    fp8: ExpertWeights | None = None  # FP8 kept (tuning.yaml fp8_weights): cpu_ref's expert loop, per-call dequant
     w13_t: tuple[Tensor, ...] = field(init=False, repr=False, compare=False)
     w2_t: tuple[Tensor, ...] = field(init=False, repr=False, compare=False)
 
@@ -73,7 +79,7 @@ class CpuExperts:
     @property
     def gemm_dtype(self) -> torch.dtype:
         """What the GEMMs multiply: float32 activations for packed fp16 weights, else the weights' dtype."""
-        return torch.float32 if self.packed is not None else self.w13.dtype
+        return torch.float32 if self.w13 is None else self.w13.dtype
 
 
 def _dense(weight: Tensor, scale_inv: Tensor | None) -> Tensor:
@@ -96,10 +102,13 @@ def _packed(weight: Tensor) -> Fp16Weight | None:
 
 def prepare_linear(weight: Tensor, scale_inv: Tensor | None) -> CpuLinear:
     """weight [N, K] FP8 (+ scale_inv [ceil(N/128), ceil(K/128)] float32) or float -> CpuLinear, dequantised once.
-    Packed fp16 where exact and enabled (FP8 dequantised is tried too: exact when its scales are powers of two); a
+    FP8 is kept as FP8 where tuning.yaml's fp8_weights says so (or memory does, "auto"). Packed fp16 where exact and
+    enabled (FP8 dequantised is tried too: exact when its scales are powers of two); a
     bfloat16 weight otherwise stays bfloat16 where bf16 is native, and where it is emulated unless tuning.yaml's
     emulated_bf16_linear says float32."""
     if weight.dtype in FP8_DTYPES:
+        if scale_inv is not None and not fp8_dequantise(4 * weight.numel()):
+            return CpuLinear(None, fp8=LinearWeight(weight, scale_inv))
         dense = _dense(weight, scale_inv)
         packed = _packed(dense)
         return CpuLinear(None, fp16=packed) if packed is not None else CpuLinear(dense.contiguous())
@@ -114,7 +123,12 @@ def prepare_linear(weight: Tensor, scale_inv: Tensor | None) -> CpuLinear:
 def prepare_experts(gate: Tensor, gate_scale: Tensor | None, up: Tensor, up_scale: Tensor | None, down: Tensor,
                     down_scale: Tensor | None) -> CpuExperts:
     """gate, up [E, I, D], down [E, D, I] (FP8 + scales [E, rows/128, cols/128], or float) -> CpuExperts: packed
-    fp16 when every expert's weights are exact (and enabled), else stacked dense tensors."""
+    fp16 when every expert's weights are exact (and enabled), FP8 kept where fp8_weights says so (or memory does),
+    else stacked dense tensors."""
+    if gate.dtype in FP8_DTYPES and gate_scale is not None and up_scale is not None and down_scale is not None \
+            and not fp8_dequantise(4 * (gate.numel() + up.numel() + down.numel())):
+        return CpuExperts(gate.shape[0], gate.shape[2], down.shape[2],
+                          fp8=ExpertWeights(gate, up, down, gate_scale, up_scale, down_scale))
     g, u, d = _dense(gate, gate_scale), _dense(up, up_scale), _dense(down, down_scale)
     dtype = torch.promote_types(torch.promote_types(g.dtype, u.dtype), d.dtype)
     w13, w2 = torch.cat((g, u), dim=1).to(dtype).contiguous(), d.to(dtype).contiguous()

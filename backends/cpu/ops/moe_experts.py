@@ -14,6 +14,7 @@ from torch import Tensor
 
 from backends.cpu import fp16
 from backends.cpu.weights import CpuExperts
+from backends.cpu_ref import OPS as REFERENCE
 
 
 def moe_experts(x: Tensor, experts: CpuExperts, weights: Tensor, ids: Tensor) -> Tensor:
@@ -24,6 +25,8 @@ def moe_experts(x: Tensor, experts: CpuExperts, weights: Tensor, ids: Tensor) ->
     GEMMs run in float32 on packed fp16 weights (exact, fp16.py), else in the weights' dtype (float32 unless bf16 is
     native, see weights.py), with the SwiGLU in float32; the combine is float32, rounded once to x.dtype. Returns
     [T, D] in x.dtype."""
+    if experts.fp8 is not None:  # FP8 kept (memory): cpu_ref's loop dequantises each active expert per call
+        return REFERENCE["moe_experts"](x, experts.fp8, weights, ids)
     tokens, top_k = ids.shape
     dim = x.shape[1]
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -13,7 +13,8 @@ widen them). FP8 checkpoints keep FP8 codes plus one float32 scale per 128x128 b
 (`--weights fp8`, what cuda, rocm and cpu_ref hold); `--weights bf16` is what a backend that dequantises at load holds
 (ascend; cpu with a bf16 checkpoint: bf16 where bfloat16 is native, exact fp16 where it is emulated, with only
 w_uk/w_uv in float32 there, 0.2% of V3's parameters); `--weights float32` is what cpu holds for an FP8 checkpoint
-(dequantised once to float32, cpu_ref's numbers bit for bit): every weight, and w_uk/w_uv, in float32.
+(dequantised once to float32, cpu_ref's numbers bit for bit): every weight, and w_uk/w_uv, in float32; where memory
+is short it keeps FP8 instead (backends/cpu/tuning.yaml fp8_weights), which is `--weights fp8`.
 """
 
 from __future__ import annotations

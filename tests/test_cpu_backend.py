@@ -145,7 +145,8 @@ def test_fp16_packed_linear_is_the_float32_gemm_of_the_same_weights(g, magnitude
         yb = linear(xb, prepared)
         exact_b = xb.to(F64) @ w.to(F64).T
         acc = 160 * 2 ** -24 * (xb.abs().to(F64) @ w.abs().to(F64).T)  # float32 sums; then one bf16 rounding
-        assert yb.dtype == torch.bfloat16 and ((yb.to(F64) - exact_b).abs() <= (exact_b.abs() + acc) * 2 ** -8 + acc).all()
+        assert yb.dtype == torch.bfloat16
+        assert ((yb.to(F64) - exact_b).abs() <= (exact_b.abs() + acc) * 2 ** -8 + acc).all()
     monkeypatch.setattr(machine, "tuning", lambda: {**TUNING, "fp16_weight_gemm": "never"})
     assert prepare_linear(w, None).fp16 is None
 

@@ -1,16 +1,16 @@
-"""Weight preparation for the cpu backend: every weight dequantised ONCE at load into the form its GEMM runs on.
+"""Weight preparation for the cpu backend: every weight prepared ONCE at load into the form its GEMM runs on.
 
-FP8 weights (e4m3fn codes with 128x128 block scales) are dequantised to float32 exactly as cpu_ref's `linear`
-does on every call (code times scale, one float32 rounding), so the numerics class `reference` holds bit for bit.
-Float weights that are exactly fp16 after a power-of-two shift (every bfloat16 weight) are held as fbgemm's packed
-fp16 where tuning.yaml's fp16_weight_gemm says so (fp16.py: same values, float32 GEMM, 2-4x faster than MKL's float32
+FP8 weights (e4m3fn codes with 128x128 block scales) are dequantised to float32 exactly as cpu_ref's `linear` does
+on every call (code times scale, one float32 rounding), so the numerics class `reference` holds bit for bit. Float
+weights that are exactly fp16 after a power-of-two shift (every bfloat16 weight) are held as fbgemm's packed fp16
+where tuning.yaml's fp16_weight_gemm says so (fp16.py: same values, float32 GEMM, 2-4x faster than MKL's float32
 GEMM on AVX2). Otherwise float weights keep their dtype, except bfloat16 experts and absorbed kv_b halves on a CPU
 without a bf16 dot product, which are widened to float32 (machine.weight_dtype): lossless, and faster there;
 `linear` keeps bfloat16 there too and widens per call in cache-sized chunks (widen.py, tuning.yaml
-emulated_bf16_linear). Experts are stacked with gate and up fused, so one GEMM per expert computes both. MLA
-decode's absorbed kv_b halves (prepare_mla) are multiplied by the graph's own bmm, so they follow the dtype rule only:
-on a CPU without a bf16 dot product torch's bfloat16 bmm is 20-80x slower than float32 (AVX2, 8 heads, 32 tokens:
-86 ms against 1.2 ms)."""
+emulated_bf16_linear). FP8 weights stay FP8 where memory is short (tuning.yaml fp8_weights). Experts are stacked
+with gate and up fused, so one GEMM per expert computes both. MLA decode's absorbed kv_b halves (prepare_mla) are
+multiplied by the graph's own bmm, so they follow the dtype rule only: on a CPU without a bf16 dot product torch's
+bfloat16 bmm is 20-80x slower than float32 (AVX2, 8 heads, 32 tokens: 86 ms against 1.2 ms)."""
 
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 @dataclass(frozen=True)
 class CpuLinear:
     """One of: fp8, an FP8 weight kept as codes and scales (dequantised per call by cpu_ref's code); fp16, the weight
-    held as fbgemm's packed fp16 (exact, fp16.py); or weight [N, K] contiguous, float32 /
-    bfloat16 / float64, with emulated_bf16 for a bfloat16 weight kept as bfloat16 on a CPU without a bf16 dot product
-    (ops/linear.py then multiplies one row by torch's GEMV, more rows through widen.py); otherwise the weight is
-    what the GEMM multiplies, with no per-call cast."""
+    held as fbgemm's packed fp16 (exact, fp16.py); or weight [N, K] contiguous, float32 / bfloat16 / float64, with
+    emulated_bf16 for a bfloat16 weight kept as bfloat16 on a CPU without a bf16 dot product (ops/linear.py then
+    multiplies one row by torch's GEMV, more rows through widen.py); otherwise the weight is what the GEMM
+    multiplies, with no per-call cast."""
 
     weight: Tensor | None
     emulated_bf16: bool = False
@@ -57,10 +57,11 @@ class CpuLinear:
 
 @dataclass(frozen=True)
 class CpuExperts:
-    """Either fp8: an FP8 layer kept as codes and scales (ops/moe_experts.py hands it to cpu_ref's loop); or packed: per expert (gate+up [2I, D], down [D, I]) as fbgemm's packed fp16 (exact, fp16.py), with
-    w13 = w2 = None; or w13: [E, 2I, D] (gate rows first, then up) and w2: [E, D, I], contiguous, in one GEMM dtype,
-    with w13_t, w2_t: per expert the transposed view each GEMM multiplies ([D, 2I] and [I, D], no copy), built once
-    so that a call pays no per-expert select and transpose."""
+    """One of: fp8, an FP8 layer kept as codes and scales (ops/moe_experts.py hands it to cpu_ref's loop); packed,
+    per expert (gate+up [2I, D], down [D, I]) as fbgemm's packed fp16 (exact, fp16.py); or w13 [E, 2I, D] (gate
+    rows first, then up) and w2 [E, D, I], contiguous, in one GEMM dtype, with w13_t, w2_t: per expert the
+    transposed view each GEMM multiplies ([D, 2I] and [I, D], no copy), built once so that a call pays no
+    per-expert select and transpose."""
 
     num_experts: int
     hidden_size: int
@@ -103,9 +104,9 @@ def _packed(weight: Tensor) -> Fp16Weight | None:
 def prepare_linear(weight: Tensor, scale_inv: Tensor | None) -> CpuLinear:
     """weight [N, K] FP8 (+ scale_inv [ceil(N/128), ceil(K/128)] float32) or float -> CpuLinear, dequantised once.
     FP8 is kept as FP8 where tuning.yaml's fp8_weights says so (or memory does, "auto"). Packed fp16 where exact and
-    enabled (FP8 dequantised is tried too: exact when its scales are powers of two); a
-    bfloat16 weight otherwise stays bfloat16 where bf16 is native, and where it is emulated unless tuning.yaml's
-    emulated_bf16_linear says float32."""
+    enabled (FP8 dequantised is tried too: exact when its scales are powers of two); a bfloat16 weight otherwise
+    stays bfloat16 where bf16 is native, and where it is emulated unless tuning.yaml's emulated_bf16_linear says
+    float32."""
     if weight.dtype in FP8_DTYPES:
         if scale_inv is not None and not fp8_dequantise(4 * weight.numel()):
             return CpuLinear(None, fp8=LinearWeight(weight, scale_inv))

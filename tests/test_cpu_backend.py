@@ -13,7 +13,6 @@ from backends.cpu.ops.attention_prefill import attention_prefill
 from backends.cpu.ops.linear import linear
 from backends.cpu.ops.mla_decode import mla_decode
 from backends.cpu.ops.moe_experts import moe_experts
-from backends.cpu.ops.moe_gate import moe_gate
 from backends.cpu.ops.add_rms_norm import add_rms_norm
 from backends.cpu.ops.apply_rope import apply_rope
 from backends.cpu.ops.rms_norm import rms_norm
@@ -308,18 +307,6 @@ def test_mla_decode_step_memo_never_serves_another_steps_rows(g):
     table[0, 0] = cache.shape[0]  # and a bad table is still refused after a good one with the same shapes
     with pytest.raises(ValueError, match="outside the cache"):
         mla_decode(q_lat, q_pe, cache, table, lens_t, 0.3)
-
-
-@pytest.mark.parametrize("scoring,group_score", [("sigmoid", "top2_sum"), ("softmax", "max")])
-def test_moe_gate_equals_cpu_ref_bit_for_bit(g, scoring, group_score):
-    for tokens in (1, 13):
-        logits = 2 * torch.randn(tokens, 64, generator=g)
-        bias = 0.1 * torch.randn(64, generator=g)
-        for b, groups, keep, renorm in ((bias, 8, 4, True), (None, 1, 1, False), (bias, 4, 4, True)):
-            got = moe_gate(logits, b, 6, groups, keep, 2.5, renorm, scoring, group_score)
-            want = REF["moe_gate"](logits, b, 6, groups, keep, 2.5, renorm, scoring, group_score)
-            assert got[0].dtype == want[0].dtype and got[1].dtype == want[1].dtype
-            assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
 def test_attention_prefill_bottom_right_causal_with_prefix(g):

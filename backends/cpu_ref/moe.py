@@ -37,9 +37,8 @@ def moe_gate(logits: Tensor, bias: Tensor | None, top_k: int, n_group: int, topk
         else:
             group_scores = grouped.amax(dim=-1)
         keep = group_scores.topk(topk_group, dim=-1).indices
-        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-        expert_mask = group_mask[:, :, None].expand(tokens, n_group, per_group).reshape(tokens, n_experts)
-        choice = choice.masked_fill(~expert_mask, float("-inf"))
+        dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)  # [T, n_group]
+        choice = grouped.masked_fill(dropped[:, :, None], float("-inf")).view(tokens, n_experts)
     ids = choice.topk(top_k, dim=-1).indices
     weights = scores.gather(1, ids)
     if renorm:

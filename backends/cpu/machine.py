@@ -43,12 +43,18 @@ def weight_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
+def _choice(key: str, allowed: tuple[str, ...], default: str, env: str | None = None) -> str:
+    """tuning.yaml's value for key (or environment variable env, when set), checked to be one of allowed."""
+    choice = (os.environ.get(env) if env else None) or tuning().get(key, default)
+    if choice not in allowed:
+        where = f"{env} or {TUNING}" if env else str(TUNING)
+        raise ValueError(f"{key} ({where}) must be {', '.join(allowed)}, not {choice!r}")
+    return choice
+
+
 def linear_keeps_bf16() -> bool:
     """Whether `linear` keeps bfloat16 weights as bfloat16 where bf16 is emulated (tuning.yaml emulated_bf16_linear)."""
-    choice = tuning().get("emulated_bf16_linear", "float32")
-    if choice not in ("bfloat16", "float32"):
-        raise ValueError(f"{TUNING}: emulated_bf16_linear must be bfloat16 or float32, not {choice!r}")
-    return choice == "bfloat16"
+    return _choice("emulated_bf16_linear", ("bfloat16", "float32"), "float32") == "bfloat16"
 
 
 @functools.lru_cache(maxsize=1)
@@ -59,20 +65,14 @@ def _fbgemm_fp16() -> bool:
 
 def fp16_gemm() -> bool:
     """Whether float weights that are exact in fp16 are held as fbgemm's packed fp16 (tuning.yaml fp16_weight_gemm)."""
-    choice = tuning().get("fp16_weight_gemm", "never")
-    if choice not in ("bf16_emulated", "always", "never"):
-        raise ValueError(f"{TUNING}: fp16_weight_gemm must be bf16_emulated, always or never, not {choice!r}")
+    choice = _choice("fp16_weight_gemm", ("bf16_emulated", "always", "never"), "never")
     wanted = choice == "always" or (choice == "bf16_emulated" and not native_bf16())
     return wanted and _fbgemm_fp16()
 
 
 def fp8_weights() -> str:
     """tuning.yaml fp8_weights (auto, float32 or fp8), or $DSV3_CPU_FP8_WEIGHTS when set."""
-    choice = os.environ.get("DSV3_CPU_FP8_WEIGHTS") or tuning().get("fp8_weights", "float32")
-    if choice not in ("auto", "float32", "fp8"):
-        raise ValueError(f"fp8_weights (DSV3_CPU_FP8_WEIGHTS or {TUNING}) must be auto, float32 or fp8, "
-                         f"not {choice!r}")
-    return choice
+    return _choice("fp8_weights", ("auto", "float32", "fp8"), "float32", env="DSV3_CPU_FP8_WEIGHTS")
 
 
 def memory_bytes() -> tuple[int, int]:

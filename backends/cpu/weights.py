@@ -134,15 +134,14 @@ def prepare_experts(gate: Tensor, gate_scale: Tensor | None, up: Tensor, up_scal
     dtype = torch.promote_types(torch.promote_types(g.dtype, u.dtype), d.dtype)
     w13, w2 = torch.cat((g, u), dim=1).to(dtype).contiguous(), d.to(dtype).contiguous()
     dims = (w13.shape[0], w13.shape[2], w2.shape[2])
-    if fp16_gemm() and dtype in (torch.bfloat16, torch.float32):
-        packed = []
-        for a, b in zip(w13, w2):
-            pa, pb = pack_exact(a), pack_exact(b)
-            if pa is None or pb is None:
-                break
-            packed.append((pa, pb))
-        else:
-            return CpuExperts(*dims, packed=tuple(packed))
+    packed = []
+    for a, b in zip(w13, w2):
+        pa, pb = _packed(a), _packed(b)
+        if pa is None or pb is None:
+            break
+        packed.append((pa, pb))
+    else:
+        return CpuExperts(*dims, packed=tuple(packed))
     return CpuExperts(*dims, w13=w13, w2=w2)
 
 

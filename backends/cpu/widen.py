@@ -34,10 +34,8 @@ def mm_widened(x: Tensor, weight: Tensor) -> Tensor:
     n, k = weight.shape
     rows = max(1, chunk_elements() // max(k, 1))
     buf = _buffer(min(n, rows) * k)
-    if rows >= n:
-        return torch.nn.functional.linear(x, buf[: n * k].view(n, k).copy_(weight))
     parts = []
     for n0 in range(0, n, rows):
-        n1 = min(n, n0 + rows)
-        parts.append(torch.nn.functional.linear(x, buf[: (n1 - n0) * k].view(n1 - n0, k).copy_(weight[n0:n1])))
-    return torch.cat(parts, dim=1)
+        chunk = weight[n0:n0 + rows]
+        parts.append(torch.nn.functional.linear(x, buf[: chunk.numel()].view(chunk.shape).copy_(chunk)))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

@@ -38,31 +38,17 @@ def moe_experts(x: Tensor, experts: CpuExperts, weights: Tensor, ids: Tensor) ->
     counts = torch.bincount(flat + 1, minlength=experts.num_experts + 1).tolist()  # [-1 slots, expert 0, ...]
     n_skip = counts[0]
     active = [(e, n) for e, n in enumerate(counts[1:]) if n]
-    sizes = [n for _, n in active]
     mine = order[n_skip:] if n_skip else order
-    rows = tokens * top_k - n_skip
     inter = experts.intermediate_size
     xs = x.index_select(0, mine // top_k)  # [rows, D], grouped by expert
     if xs.dtype != gemm_dtype:
         xs = xs.to(gemm_dtype)
-    if experts.packed is not None:  # fbgemm's fp16 GEMM (exact weights, float32 products and sums): new outputs
-        h = torch.cat([fp16.mm(xe, experts.packed[e][0]) for (e, _), xe in zip(active, xs.split(sizes))]) \
-            if active else xs.new_empty(0, 2 * inter)
-    else:
-        h = xs.new_empty(rows, 2 * inter)
-        for (e, _), xe, he in zip(active, xs.split(sizes), h.split(sizes)):
-            torch.mm(xe, experts.w13_t[e], out=he)
+    h = _expert_gemms(experts, 0, xs, active, 2 * inter)
     hf = h if h.dtype == ct else h.to(ct)
     act = torch.nn.functional.silu(hf[:, :inter]).mul_(hf[:, inter:])
     if act.dtype != gemm_dtype:
         act = act.to(gemm_dtype)
-    if experts.packed is not None:
-        y = torch.cat([fp16.mm(ae, experts.packed[e][1]) for (e, _), ae in zip(active, act.split(sizes))]) \
-            if active else xs.new_empty(0, dim)
-    else:
-        y = xs.new_empty(rows, dim)
-        for (e, _), ae, ye in zip(active, act.split(sizes), y.split(sizes)):
-            torch.mm(ae, experts.w2_t[e], out=ye)
+    y = _expert_gemms(experts, 1, act, active, dim)
     yc = y if y.dtype == ct else y.to(ct)
     mix = weights.to(ct)
     if n_skip:
@@ -72,3 +58,19 @@ def moe_experts(x: Tensor, experts: CpuExperts, weights: Tensor, ids: Tensor) ->
     else:  # every slot is local: place the rows back in slot order with one scatter
         out = torch.empty(tokens * top_k, dim, dtype=ct).index_copy_(0, mine, yc)
     return torch.bmm(mix.reshape(tokens, 1, top_k), out.view(tokens, top_k, dim)).view(tokens, dim).to(x.dtype)
+
+
+def _expert_gemms(experts: CpuExperts, which: int, rows: Tensor, active: list[tuple[int, int]], cols: int) -> Tensor:
+    """One GEMM per active expert (e, n) on its n consecutive rows of `rows` [sum n, K]: which 0 = gate and up,
+    1 = down. Packed fp16 weights (exact, fp16.py): fbgemm's GEMM, outputs concatenated; dense weights: torch.mm
+    written in place through the transposed views. Returns [sum n, cols]."""
+    if not active:
+        return rows.new_empty(0, cols)
+    parts = rows.split([n for _, n in active])
+    if experts.packed is not None:
+        return torch.cat([fp16.mm(part, experts.packed[e][which]) for (e, _), part in zip(active, parts)])
+    weights_t = experts.w13_t if which == 0 else experts.w2_t
+    out = rows.new_empty(rows.shape[0], cols)
+    for (e, _), part, dest in zip(active, parts, out.split([n for _, n in active])):
+        torch.mm(part, weights_t[e], out=dest)
+    return out
